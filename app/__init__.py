@@ -1,0 +1,1 @@
+"""paydispatch: exactly-once payment dispatch through leader election and fencing."""

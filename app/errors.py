@@ -1,0 +1,67 @@
+"""Typed errors. The dispatcher acts on three families: retryable, terminal, unknown outcome.
+
+Each class's docstring is its default message, so ``raise StaleLeader()`` already says what
+went wrong in words an operator can act on.
+"""
+
+from __future__ import annotations
+
+
+class PaydispatchError(Exception):
+    """paydispatch failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class ConfigurationError(PaydispatchError):
+    """The configuration is invalid; fix the PAYDISPATCH_* environment or the CLI flags."""
+
+
+class DatabaseUnavailable(PaydispatchError):
+    """Postgres is unreachable or not accepting connections; retry shortly."""
+
+
+class StaleLeader(PaydispatchError):
+    """A newer leader holds the fence: this replica's fencing token is outdated and it must
+    stop acting as leader at once."""
+
+
+class TerminalStateViolation(PaydispatchError):
+    """A payment in a terminal state was about to change; terminal states are final."""
+
+
+class LeadershipLost(PaydispatchError):
+    """This replica is no longer the leader (lease lost, expired or revoked)."""
+
+
+class EtcdUnavailable(PaydispatchError):
+    """etcd is unreachable or timed out; leadership cannot be confirmed."""
+
+
+# --- provider call outcomes the dispatcher classifies -------------------------------------
+
+
+class ProviderError(PaydispatchError):
+    """The payment provider call did not end in a definite result."""
+
+
+class RetryableProviderError(ProviderError):
+    """The provider said 'try again' (5xx, 409 concurrent request with the same key)."""
+
+    def __init__(self, message: str | None = None, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class UnknownOutcome(ProviderError):
+    """The provider may or may not have charged (timeout, connection lost, response dropped);
+    retry with the same idempotency key and the provider answers with the original result."""
+
+
+class TerminalProviderError(ProviderError):
+    """The provider rejected the request as invalid; retrying cannot help."""
+
+    def __init__(self, message: str | None = None, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status

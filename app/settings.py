@@ -1,0 +1,195 @@
+"""All configuration in one frozen object, read from ``PAYDISPATCH_*`` environment variables.
+
+Built once in the CLI (flags override the environment) and passed down explicitly; nothing
+else in the package reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Annotated, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from app.errors import ConfigurationError
+
+ENV_PREFIX = "PAYDISPATCH_"
+
+
+def _default_node_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+CsvTuple = Annotated[tuple[str, ...], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Settings of one replica (API, election, dispatcher). Every field is overridable by the
+    environment variable ``PAYDISPATCH_<FIELD NAME IN UPPER CASE>``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    # --- where things are -------------------------------------------------------------
+    database_url: str = Field(
+        "postgresql://postgres@127.0.0.1:5432/paydispatch",
+        description="Postgres URL, plain postgresql:// form; the Unix-socket form "
+        "postgresql://user@/db?host=/dir works too. The asyncpg driver is chosen here.",
+    )
+    etcd_endpoints: CsvTuple = Field(
+        ("127.0.0.1:2379",),
+        description="Comma-separated etcd client endpoints host:port; all are used for failover.",
+    )
+    provider_url: str = Field(
+        "http://127.0.0.1:8081", description="Base URL of the payment provider API."
+    )
+    node_id: str = Field(
+        default_factory=_default_node_id,
+        description="This replica's name in leadership records and the attempts audit trail.",
+    )
+    host: str = Field("127.0.0.1", description="Address the HTTP API listens on.")
+    port: int = Field(8080, ge=0, le=65535, description="Port the HTTP API listens on.")
+    advertise_url: str = Field(
+        "",
+        description="URL other replicas and operators use to reach this one; "
+        "defaults to http://HOST:PORT.",
+    )
+    api_keys: CsvTuple = Field(
+        (), description="Comma-separated bearer tokens accepted on /v1/* (reserved for auth)."
+    )
+
+    # --- leadership ---------------------------------------------------------------------
+    lease_ttl: int = Field(
+        2, ge=2, le=60, description="etcd lease TTL in seconds (etcd's minimum is 2)."
+    )
+    lease_safety_margin: float = Field(
+        0.5,
+        ge=0.05,
+        description="Seconds before the lease could expire at which the leader stops acting.",
+    )
+    cluster_name: str = Field(
+        "default", pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Election namespace in etcd."
+    )
+    etcd_timeout: float = Field(
+        1.0, gt=0, description="Upper bound in seconds for one etcd call made by a follower."
+    )
+
+    # --- database -----------------------------------------------------------------------
+    fence_name: str = Field(
+        "payments", description="Name of the leader_fence row guarding the payments queue."
+    )
+    notify_channel: str = Field(
+        "paydispatch_payments",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="Postgres LISTEN/NOTIFY channel woken on every new payment.",
+    )
+    db_pool_size: int = Field(10, ge=1, description="Connections in the API's pool.")
+    db_timeout: float = Field(
+        3.0, gt=0, description="Seconds to wait for a connection or a statement."
+    )
+    readyz_timeout: float = Field(1.0, gt=0, description="Seconds /readyz waits for Postgres.")
+    max_body_bytes: int = Field(
+        16 * 1024, ge=1024, description="Largest accepted request body in bytes (else 413)."
+    )
+    retry_after_seconds: int = Field(
+        2, ge=1, description="Retry-After sent with 503 while Postgres is unavailable."
+    )
+
+    # --- dispatcher ---------------------------------------------------------------------
+    dispatch_batch_size: int = Field(64, ge=1, le=1000, description="Payments claimed at once.")
+    dispatch_concurrency: int = Field(
+        64, ge=1, le=1000, description="Provider calls in flight at once."
+    )
+    dispatch_poll_interval: float = Field(
+        0.5, gt=0, description="Seconds between queue polls when no NOTIFY arrives."
+    )
+    provider_timeout: float = Field(
+        5.0, gt=0, description="Upper bound in seconds for one provider call."
+    )
+    max_attempts: int = Field(
+        20, ge=1, description="Provider calls before a payment needs reconciliation."
+    )
+    retry_base_delay: float = Field(0.2, gt=0, description="First retry delay in seconds.")
+    retry_max_delay: float = Field(10.0, gt=0, description="Cap on the retry delay in seconds.")
+    idempotency_retention_hours: float = Field(
+        24.0,
+        gt=0,
+        description="How long the provider keeps idempotency keys; older unknown outcomes "
+        "go to needs_reconciliation instead of being re-sent.",
+    )
+    shutdown_grace: float = Field(
+        2.0, ge=0, description="Seconds a stopping leader waits for in-flight provider calls."
+    )
+
+    _split = field_validator("etcd_endpoints", "api_keys", mode="before")(_split_csv)
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme not in {"postgresql", "postgres", "postgresql+asyncpg"}:
+            raise ValueError(f"must start with postgresql:// (got {scheme or 'no scheme'}://...)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_timing(self) -> Settings:
+        if self.lease_safety_margin >= self.lease_ttl / 2:
+            raise ValueError(
+                f"lease_safety_margin ({self.lease_safety_margin}s) must be under half the "
+                f"lease_ttl ({self.lease_ttl}s)"
+            )
+        if not self.etcd_endpoints:
+            raise ValueError("etcd_endpoints must name at least one host:port")
+        return self
+
+    @property
+    def public_url(self) -> str:
+        """The URL this replica advertises in its leader record."""
+        return self.advertise_url or f"http://{self.host}:{self.port}"
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """DATABASE_URL with the asyncpg driver SQLAlchemy needs."""
+        return _with_scheme(self.database_url, "postgresql+asyncpg")
+
+    @property
+    def asyncpg_dsn(self) -> str:
+        """DATABASE_URL as a plain libpq-style DSN asyncpg accepts directly."""
+        return _with_scheme(self.database_url, "postgresql")
+
+    @property
+    def election_prefix(self) -> str:
+        """etcd key prefix under which candidates of this cluster campaign."""
+        return f"/paydispatch/{self.cluster_name}/election/"
+
+
+def _with_scheme(url: str, scheme: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((scheme, *parts[1:]))
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment, with non-None ``overrides`` (CLI flags) on top.
+
+    Raises ConfigurationError with every invalid field named.
+    """
+    from pydantic import ValidationError
+
+    given = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{ENV_PREFIX}{'.'.join(str(p) for p in err['loc']).upper() or 'SETTINGS'}: "
+            f"{err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigurationError(f"invalid configuration: {problems}") from exc

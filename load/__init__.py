@@ -1,0 +1,1 @@
+"""Load and kill-the-leader scenarios with an exactly-once checker (see README)."""

