@@ -8,7 +8,7 @@ import signal
 
 from aiohttp import web
 
-from app.api import create_app
+from app.replica import create_replica_app
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -20,7 +20,7 @@ async def serve(settings: Settings, app: web.Application | None = None) -> None:
     Shutdown runs the app's on_shutdown hooks (readiness goes false, the leader resigns)
     and then its cleanup contexts in reverse order, so nothing outlives the call.
     """
-    app = app or create_app(settings)
+    app = app or create_replica_app(settings)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     stop = asyncio.Event()

@@ -129,6 +129,12 @@ class Settings(BaseSettings):
         2.0, ge=0, description="Seconds a stopping leader waits for in-flight provider calls."
     )
 
+    test_hooks: bool = Field(
+        False,
+        description="Expose /_test/* fault hooks (block the event loop). Tests only; never "
+        "enable in production.",
+    )
+
     _split = field_validator("etcd_endpoints", "api_keys", mode="before")(_split_csv)
 
     @field_validator("database_url")

@@ -21,6 +21,7 @@ from aiohttp import web
 from app.api import create_app
 from app.migrate import migrate
 from app.settings import Settings, load_settings
+from app.stack.etcd import EtcdCluster
 from app.stack.ports import free_port
 from app.stack.postgres import PostgresServer
 
@@ -108,3 +109,25 @@ async def api(settings: Settings) -> AsyncIterator[RunningApi]:
             yield RunningApi(f"http://127.0.0.1:{settings.port}", http, app)
         finally:
             await runner.cleanup()
+
+
+@pytest.fixture(scope="session")
+def etcd() -> Iterator[EtcdCluster]:
+    """One real single-member etcd for the session (tests use distinct election prefixes)."""
+    cluster = EtcdCluster(size=1, name="etcd-session")
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+def etcd3() -> Iterator[EtcdCluster]:
+    """A fresh 3-member etcd cluster for tests that kill members."""
+    cluster = EtcdCluster(size=3, name="etcd3")
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
