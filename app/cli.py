@@ -76,6 +76,34 @@ def serve(
 
 
 @main.command()
+@click.option("--host", help="Listen address (PAYDISPATCH_PROVIDER_HOST).")
+@click.option("--port", type=int, help="Listen port (PAYDISPATCH_PROVIDER_PORT).")
+@click.option("--ledger-path", type=click.Path(dir_okay=False), help="SQLite ledger file.")
+@click.option("--latency-ms-min", type=float, help="Lower bound of added latency (ms).")
+@click.option("--latency-ms-max", type=float, help="Upper bound of added latency (ms).")
+@click.option("--error-rate", type=float, help="Share answered 500/503 (no charge).")
+@click.option("--timeout-rate", type=float, help="Share that hang past any client timeout.")
+@click.option("--drop-rate", type=float, help="Share charged whose response is dropped.")
+@click.option("--conflict-rate", type=float, help="Share answered 409 (no charge).")
+@click.option("--decline-rate", type=float, help="Share of new charges declined.")
+@click.option("--decline-amounts", help="Comma-separated amounts always declined.")
+@click.option("--decline-references", help="Comma-separated references always declined.")
+@click.option("--seed", type=int, help="Seed for reproducible fault draws.")
+def provider(**options: Any) -> None:
+    """Run the stand-in payment provider (idempotency keys, faults, durable ledger).
+
+    Every option also reads PAYDISPATCH_PROVIDER_<NAME>.
+    """
+    from app.sandbox import load_sandbox_settings, run_sandbox
+
+    try:
+        settings = load_sandbox_settings(**options)
+    except PaydispatchError as exc:
+        raise click.ClickException(str(exc)) from None
+    _run(run_sandbox(settings))
+
+
+@main.command()
 def demo() -> None:
     """The local failover demo (lands with the cluster/demo work)."""
     click.echo("The failover demo is not built yet: it lands with the demo issue.")

@@ -1,0 +1,197 @@
+"""The synchronous SQLite half of the ledger; its functions run only in the ledger's threads.
+
+Schema and statements live here, the async facade that owns the threads in
+:mod:`app.sandbox.ledger`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from time import time
+from typing import Any
+
+from app.sandbox.records import (
+    AlreadyCharged,
+    Charge,
+    ChargeParams,
+    InProgress,
+    NewCharge,
+    Reserved,
+    ReserveResult,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key        TEXT PRIMARY KEY,
+    state      TEXT NOT NULL CHECK (state IN ('processing', 'completed')),
+    amount     INTEGER NOT NULL,
+    currency   TEXT NOT NULL,
+    reference  TEXT,
+    charge_id  TEXT,
+    created_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS charges (
+    -- AUTOINCREMENT: a sequence number is never reused, so it is a safe pagination cursor.
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    id              TEXT NOT NULL UNIQUE,
+    idempotency_key TEXT NOT NULL UNIQUE,
+    status          TEXT NOT NULL CHECK (status IN ('succeeded', 'declined')),
+    amount          INTEGER NOT NULL,
+    currency        TEXT NOT NULL,
+    reference       TEXT,
+    decline_code    TEXT,
+    description     TEXT,
+    metadata        TEXT,
+    created_at      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS charges_by_reference ON charges (reference, seq);
+"""
+
+CHARGE_COLUMNS = (
+    "seq, id, idempotency_key, status, amount, currency, reference, decline_code, "
+    "description, metadata, created_at"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """A job of a batch that failed (and was rolled back alone)."""
+
+    error: Exception
+
+
+def charge_from_row(row: Sequence[Any]) -> Charge:
+    """A charge from a row selected as CHARGE_COLUMNS."""
+    metadata = json.loads(row[9]) if row[9] is not None else None
+    return Charge(
+        sequence=row[0],
+        id=row[1],
+        idempotency_key=row[2],
+        status=row[3],
+        amount=row[4],
+        currency=row[5],
+        reference=row[6],
+        decline_code=row[7],
+        description=row[8],
+        metadata=metadata,
+        created_at=row[10],
+    )
+
+
+def connect(path: Path, *, writer: bool, durable: bool) -> sqlite3.Connection:
+    """Open the ledger; the writer also sets WAL mode and creates the schema."""
+    # isolation_level=None: transactions are opened explicitly, the sqlite3 module adds none.
+    conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+    if writer:
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            conn.close()
+            raise RuntimeError(f"cannot put the ledger {path} in WAL mode (got {mode})")
+        # NORMAL in WAL mode loses nothing when the process dies, only on power loss.
+        conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        conn.executescript(SCHEMA)
+    else:
+        conn.execute("PRAGMA query_only=ON")
+    return conn
+
+
+def run_batch(
+    conn: sqlite3.Connection, jobs: list[Callable[[sqlite3.Connection], Any]]
+) -> list[Any]:
+    """Run ``jobs`` in one transaction (one commit); a failing job yields :class:`Failed`
+    in its slot, a failing commit raises for all."""
+    results: list[Any] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for apply in jobs:
+            # A savepoint per job: one failing job must not undo the others in the batch.
+            conn.execute("SAVEPOINT job")
+            try:
+                results.append(apply(conn))
+            except Exception as exc:
+                conn.execute("ROLLBACK TO job")
+                results.append(Failed(exc))
+            conn.execute("RELEASE job")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return results
+
+
+def reserve(key: str, params: ChargeParams, conn: sqlite3.Connection) -> ReserveResult:
+    """Mark ``key`` processing if it is new, else report what the ledger holds for it."""
+    inserted = conn.execute(
+        "INSERT INTO idempotency_keys (key, state, amount, currency, reference, created_at) "
+        "VALUES (?, 'processing', ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+        (key, params.amount, params.currency, params.reference, time()),
+    ).rowcount
+    if inserted == 1:
+        return Reserved()
+    state, amount, currency, reference = conn.execute(
+        "SELECT state, amount, currency, reference FROM idempotency_keys WHERE key = ?", (key,)
+    ).fetchone()
+    if state == "processing":
+        return InProgress(ChargeParams(amount, currency, reference))
+    row = conn.execute(
+        f"SELECT {CHARGE_COLUMNS} FROM charges WHERE idempotency_key = ?", (key,)
+    ).fetchone()
+    if row is None:  # cannot happen: completion writes both rows in one transaction
+        raise RuntimeError(f"idempotency key {key!r} is completed but has no charge")
+    return AlreadyCharged(charge_from_row(row))
+
+
+def complete(new: NewCharge, conn: sqlite3.Connection) -> Charge:
+    """Record the charge and mark its key completed (the caller's transaction makes the
+    two one)."""
+    params = new.params
+    metadata = json.dumps(new.metadata) if new.metadata is not None else None
+    # Fails on the UNIQUE idempotency_key if the key was ever charged: at most once, always.
+    cursor = conn.execute(
+        "INSERT INTO charges (id, idempotency_key, status, amount, currency, reference, "
+        "decline_code, description, metadata, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        (
+            new.id,
+            new.idempotency_key,
+            new.status,
+            params.amount,
+            params.currency,
+            params.reference,
+            new.decline_code,
+            new.description,
+            metadata,
+            new.created_at,
+        ),
+    )
+    sequence = cursor.lastrowid
+    assert sequence is not None
+    conn.execute(
+        "INSERT INTO idempotency_keys "
+        "(key, state, amount, currency, reference, charge_id, created_at) "
+        "VALUES (?, 'completed', ?, ?, ?, ?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET state = 'completed', charge_id = excluded.charge_id",
+        (new.idempotency_key, params.amount, params.currency, params.reference, new.id, time()),
+    )
+    return Charge(
+        sequence=sequence,
+        id=new.id,
+        idempotency_key=new.idempotency_key,
+        status=new.status,
+        amount=params.amount,
+        currency=params.currency,
+        reference=params.reference,
+        decline_code=new.decline_code,
+        description=new.description,
+        metadata=new.metadata,
+        created_at=new.created_at,
+    )
+
+
+def release(key: str, conn: sqlite3.Connection) -> None:
+    """Forget a reservation that never completed; a completed key is left alone."""
+    conn.execute("DELETE FROM idempotency_keys WHERE key = ? AND state = 'processing'", (key,))

@@ -1,0 +1,89 @@
+"""Read-only endpoints of the provider: the ledger listing, one charge, health and stats."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from app.sandbox.models import (
+    DEFAULT_LIST_LIMIT,
+    MAX_CURSOR,
+    MAX_LIST_LIMIT,
+    invalid_request,
+    parse_int_param,
+    parse_text_param,
+    problem,
+)
+from app.sandbox.state import SANDBOX_STATE
+
+
+async def list_charges(request: web.Request) -> web.Response:
+    """``GET /v1/charges?after=&limit=&idempotency_key=&reference=``: the ledger, oldest
+    first, keyset-paginated by ``sequence``. Pass ``next_after`` as ``after`` to continue."""
+    state = request.app[SANDBOX_STATE]
+    query = request.query
+    limit, errors = parse_int_param(
+        query, "limit", default=DEFAULT_LIST_LIMIT, minimum=1, maximum=MAX_LIST_LIMIT
+    )
+    after, more = parse_int_param(query, "after", default=0, minimum=0, maximum=MAX_CURSOR)
+    errors.extend(more)
+    key, more = parse_text_param(query, "idempotency_key")
+    errors.extend(more)
+    reference, more = parse_text_param(query, "reference")
+    errors.extend(more)
+    if errors:
+        return invalid_request(errors)
+    page = await state.require_ledger().list_charges(
+        after=after, limit=limit, idempotency_key=key, reference=reference
+    )
+    return web.json_response(
+        {
+            "data": [charge.to_json() for charge in page.charges],
+            "has_more": page.has_more,
+            # An empty page keeps the cursor, so a poller can simply call again later.
+            "next_after": page.charges[-1].sequence if page.charges else after,
+        }
+    )
+
+
+async def get_charge(request: web.Request) -> web.Response:
+    """``GET /v1/charges/{id}``: one charge, or 404."""
+    state = request.app[SANDBOX_STATE]
+    charge_id, errors = parse_text_param(request.match_info, "id")
+    charge = await state.require_ledger().get_charge(charge_id) if charge_id else None
+    if charge is None or errors:
+        return problem(404, "no-such-charge", "No such charge", f"No charge has id {charge_id!r}.")
+    return web.json_response(charge.to_json())
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """``GET /healthz``: 200 once the ledger is open and the port is bound."""
+    request.app[SANDBOX_STATE].require_ledger()
+    return web.json_response({"status": "ok"})
+
+
+async def stats(request: web.Request) -> web.Response:
+    """``GET /v1/stats``: durable ledger counts plus counters since start."""
+    state = request.app[SANDBOX_STATE]
+    counts = await state.require_ledger().counts()
+    s = state.stats
+    return web.json_response(
+        {
+            "charges": counts.succeeded + counts.declined,
+            "succeeded": counts.succeeded,
+            "declines": counts.declined,
+            "last_sequence": counts.last_sequence,
+            "processing": len(state.processing),
+            "key_retention_hours": state.settings.key_retention_hours,
+            "started_at": state.started_at,
+            "since_start": {
+                "requests": s.requests,
+                "charges_created": s.charges_created,
+                "declines_created": s.declines_created,
+                "replays": s.replays,
+                "concurrent_conflicts": s.concurrent_conflicts,
+                "param_mismatches": s.param_mismatches,
+                "invalid_requests": s.invalid_requests,
+            },
+            "faults": {kind: s.faults[kind] for kind in ("error", "timeout", "conflict", "drop")},
+        }
+    )
