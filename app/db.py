@@ -26,8 +26,22 @@ class IntegrityViolation(PaydispatchError):
     """A database rule of paydispatch rejected the write (this is a bug in the writer)."""
 
 
-def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncEngine:
-    """An async engine on asyncpg for ``settings.database_url`` with bounded waits."""
+def create_engine(
+    settings: Settings, *, pool_size: int | None = None, leader: bool = False
+) -> AsyncEngine:
+    """An async engine on asyncpg for ``settings.database_url`` with bounded waits.
+
+    ``leader=True`` adds server-side bounds for the leader's sessions: a leader frozen inside
+    a transaction (SIGSTOP, a partition) holds a share lock on the fence row, and the next
+    leader's fence raise would wait on it for as long as the freeze lasts. Postgres ends
+    such a session after ``idle_in_transaction_session_timeout``, releasing the lock well
+    within one lease TTL; leader transactions last milliseconds, so nothing healthy trips it.
+    """
+    server_settings = {"application_name": f"paydispatch:{settings.node_id}"[:63]}
+    if leader:
+        idle_ms = int(min(1.0, settings.lease_ttl / 2) * 1000)
+        server_settings["idle_in_transaction_session_timeout"] = str(idle_ms)
+        server_settings["statement_timeout"] = str(int(settings.db_timeout * 1000))
     return create_async_engine(
         settings.sqlalchemy_url,
         pool_size=pool_size or settings.db_pool_size,
@@ -39,7 +53,7 @@ def create_engine(settings: Settings, *, pool_size: int | None = None) -> AsyncE
         connect_args={
             "timeout": settings.db_timeout,
             "command_timeout": settings.db_timeout * 2,
-            "server_settings": {"application_name": f"paydispatch:{settings.node_id}"[:63]},
+            "server_settings": server_settings,
         },
     )
 

@@ -139,3 +139,112 @@ async def list_payments(
         {"after": after, "status": status.value if status else None, "limit": limit},
     )
     return [Payment.from_row(row) for row in rows]
+
+
+# --- leader statements: every one stamps or checks the leader's token ---------------------
+
+ASSERT_FENCE = text("SELECT paydispatch_assert_fence(:fence, :token)")
+
+CLAIM = text(
+    """
+    WITH batch AS (
+        SELECT id FROM payments
+        WHERE status = 'pending' AND next_attempt_at <= now()
+        ORDER BY next_attempt_at, id
+        LIMIT :limit
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE payments AS p
+    SET status = 'in_flight', fence_token = :token, attempts = p.attempts + 1,
+        updated_at = now()
+    FROM batch
+    WHERE p.id = batch.id
+    RETURNING p.id, p.idempotency_key, p.amount, p.currency, p.reference, p.attempts,
+              p.created_at
+    """
+)
+
+# Takeover recovery: whatever an older leader left in flight goes back to the queue now,
+# with an 'abandoned' attempt row so the audit trail shows the interrupted call.
+RECOVER = text(
+    """
+    WITH requeued AS (
+        UPDATE payments
+        SET status = 'pending', next_attempt_at = now(), fence_token = :token,
+            updated_at = now(),
+            last_error = 'in flight when leadership changed; re-sent with the same key'
+        WHERE status = 'in_flight' AND fence_token < :token
+        RETURNING id, attempts
+    )
+    INSERT INTO payment_attempts (payment_id, attempt, fence_token, node_id, started_at,
+                                  finished_at, outcome, error)
+    SELECT id, attempts, :token, :node, now(), now(), 'abandoned',
+           'leader changed while this call was in flight'
+    FROM requeued WHERE attempts >= 1
+    ON CONFLICT (payment_id, attempt) DO NOTHING
+    RETURNING payment_id
+    """
+)
+
+# A leader giving up (step-down or resign) puts back what it claimed but did not finish.
+RELEASE = text(
+    """
+    UPDATE payments
+    SET status = 'pending', next_attempt_at = now(), fence_token = :token, updated_at = now(),
+        last_error = 'released by a leader stepping down; re-sent with the same key'
+    WHERE status = 'in_flight' AND fence_token = :token AND id = ANY(CAST(:ids AS bigint[]))
+    """
+)
+
+RECORD_OUTCOMES = text(
+    """
+    UPDATE payments AS p
+    SET status = v.status,
+        provider_charge_id = COALESCE(v.charge_id, p.provider_charge_id),
+        last_error = v.error,
+        next_attempt_at = CASE WHEN v.status = 'pending'
+                               THEN now() + make_interval(secs => v.delay)
+                               ELSE p.next_attempt_at END,
+        completed_at = CASE WHEN v.status IN ('succeeded', 'declined', 'failed')
+                            THEN now() ELSE NULL END,
+        fence_token = :token,
+        updated_at = now()
+    FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[]),
+                CAST(:charge_ids AS text[]), CAST(:errors AS text[]),
+                CAST(:delays AS float8[])) AS v(id, status, charge_id, error, delay)
+    WHERE p.id = v.id AND p.status = 'in_flight' AND p.fence_token = :token
+    """
+)
+
+RECORD_ATTEMPTS = text(
+    """
+    INSERT INTO payment_attempts (payment_id, attempt, fence_token, node_id, started_at,
+                                  finished_at, outcome, provider_status, error)
+    SELECT v.id, v.attempt, :token, :node, v.started, v.finished, v.outcome, v.http, v.error
+    FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[]),
+                CAST(:started AS timestamptz[]), CAST(:finished AS timestamptz[]),
+                CAST(:outcomes AS text[]), CAST(:https AS integer[]),
+                CAST(:errors AS text[])) AS v(id, attempt, started, finished, outcome, http, error)
+    ON CONFLICT (payment_id, attempt) DO NOTHING
+    """
+)
+
+RECONCILE_CANDIDATES = text(
+    """
+    SELECT id, idempotency_key FROM payments
+    WHERE status = 'needs_reconciliation'
+    ORDER BY updated_at, id
+    LIMIT :limit
+    """
+)
+
+RECONCILE = text(
+    """
+    UPDATE payments
+    SET status = :status, provider_charge_id = :charge_id, completed_at = now(),
+        last_error = :error, fence_token = :token, updated_at = now()
+    WHERE id = :id AND status = 'needs_reconciliation'
+    """
+)
+
+COUNT_BY_STATUS = text("SELECT status, count(*) FROM payments GROUP BY status")

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -52,6 +53,13 @@ def test_exactly_one_leader_at_every_sampled_instant_and_all_agree(
     replicas: Replicas, database_url: str
 ) -> None:
     leader = replicas.wait_leader()
+    expected = (leader["node_id"], leader["token"])
+
+    def all_observe_it() -> bool:
+        views = [replicas.observed_leader(r) for r in replicas.all]
+        return all(v is not None and (v["node_id"], v["token"]) == expected for v in views)
+
+    wait_for(all_observe_it, 5, what="every replica to observe the leader")
     for _ in range(25):
         leaders = replicas.leaders()
         assert len(leaders) == 1, leaders
@@ -111,9 +119,14 @@ def test_a_leader_paused_past_its_lease_is_replaced_and_does_not_act_after_sigco
     finally:
         victim.resume()
     # On resumption the old leader finds its validity deadline passed and steps down.
-    after = wait_for(lambda: victim.node(), 5, what="the resumed replica to answer")
+    def stepped_down() -> dict[str, Any] | None:
+        node = victim.node()
+        if node is not None and node["transitions"].get("lost", 0) >= 1:
+            return node
+        return None
+
+    after = wait_for(stepped_down, 5, what="the resumed replica to step down")
     assert after["is_leader"] is False
-    assert after["transitions"].get("lost", 0) >= 1
     assert len(replicas.leaders()) == 1
     assert fence_token(database_url) == new["token"]
 
@@ -134,9 +147,14 @@ def test_a_blocked_event_loop_makes_the_leader_step_down_without_acting(
         new = replicas.wait_leader(survivors, above=old["token"], timeout=TTL + 5)
     finally:
         blocker.join()
-    after = wait_for(lambda: victim.node(), 5, what="the unblocked replica to answer")
+    def stepped_down() -> dict[str, Any] | None:
+        node = victim.node()
+        if node is not None and node["transitions"].get("lost", 0) >= 1:
+            return node
+        return None
+
+    after = wait_for(stepped_down, 5, what="the unblocked replica to step down")
     assert after["is_leader"] is False
-    assert after["transitions"].get("lost", 0) >= 1
     leaders = replicas.leaders()
     assert [n["node_id"] for n in leaders] == [new["node_id"]]
     assert fence_token(database_url) == new["token"]

@@ -27,7 +27,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO
 
 from app.stack import StackError
 from app.stack.ports import free_ports
@@ -198,13 +197,12 @@ class EtcdMember:
         # etcd 3.5 insists on a data dir that only its owner can read.
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         self.data_dir.chmod(0o700)
-        log: IO[bytes]
         with self.log_path.open("ab") as log:
             log.write(f"--- paydispatch: starting {' '.join(self.command())}\n".encode())
             log.flush()
-            # New session: Ctrl-C in the terminal goes to the supervisor only, which then stops
-            # members in order. No preexec_fn, so Popen can use vfork/exec, which is safe even
-            # after gRPC has started threads in this process.
+            # New session: Ctrl-C in the terminal reaches the supervisor only, which then stops
+            # the members itself (with-block exit, or atexit). No preexec_fn, so Popen can use
+            # vfork/exec, which is safe even after gRPC has started threads in this process.
             self.process = subprocess.Popen(
                 self.command(),
                 stdin=subprocess.DEVNULL,
@@ -235,7 +233,10 @@ class EtcdMember:
     def kill(self) -> None:
         """SIGKILL the server (a crash: no clean shutdown) and reap it."""
         self._wanted = False
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None:
+            return
+        if self.process.poll() is not None:
+            _untrack(self.process)
             return
         self._signal(signal.SIGKILL)
         if not self._reap(DEFAULT_STOP_TIMEOUT):

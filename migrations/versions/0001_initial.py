@@ -252,6 +252,31 @@ def upgrade() -> None:
         $$
         """
     )
+    op.execute(
+        """
+        CREATE FUNCTION paydispatch_assert_fence(p_name text, p_token bigint) RETURNS bigint
+        LANGUAGE plpgsql AS $$
+        DECLARE
+            current_token bigint;
+        BEGIN
+            -- The guard a leader transaction opens with: fails fast when stale even if the
+            -- statements after it would touch no row (and so fire no trigger), and holds the
+            -- share lock on the fence row until the transaction ends.
+            SELECT token INTO current_token FROM leader_fence WHERE name = p_name FOR SHARE;
+            IF NOT FOUND THEN
+                RAISE EXCEPTION 'no leader_fence row named %', p_name USING ERRCODE = 'PDF03';
+            END IF;
+            IF p_token < current_token THEN
+                RAISE EXCEPTION 'stale fencing token %: fence % is at %',
+                    p_token, p_name, current_token
+                    USING ERRCODE = 'PDF01',
+                          HINT = 'a newer leader has taken over; this writer must step down';
+            END IF;
+            RETURN current_token;
+        END
+        $$
+        """
+    )
 
 
 def downgrade() -> None:
@@ -264,5 +289,6 @@ def downgrade() -> None:
         "paydispatch_append_only()",
         "paydispatch_notify_runnable()",
         "paydispatch_raise_fence(text, bigint, text)",
+        "paydispatch_assert_fence(text, bigint)",
     ):
         op.execute(f"DROP FUNCTION IF EXISTS {function}")

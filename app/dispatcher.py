@@ -1,0 +1,483 @@
+"""The leader's work: drain the queue through the provider, exactly once in effect.
+
+Runs only inside a leadership term (app.election calls ``Dispatcher.run``). Every write is
+stamped with the term's token and opens with ``paydispatch_assert_fence``, so Postgres
+refuses it once a newer leader has raised the fence — whatever this process believes.
+
+Timing rule: claiming and calling the provider are *acting as leader* and need remaining
+validity (their timeouts are cut to it). Recording the result of a call already made is not:
+it is attempted even after validity ran out, because the fence decides — it lands if no newer
+leader exists, and is rejected (and counted) if one does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from app import queue
+from app.db import translate
+from app.election import ElectionStats, Leadership
+from app.errors import (
+    DatabaseUnavailable,
+    LeadershipLost,
+    RetryableProviderError,
+    StaleLeader,
+    TerminalProviderError,
+    UnknownOutcome,
+)
+from app.provider_client import Charge, ChargeRequest, ProviderClient
+from app.settings import Settings
+from app.states import PaymentStatus
+
+log = logging.getLogger(__name__)
+
+RECONCILE_EVERY = 5.0  # seconds between reconciliation sweeps
+
+
+@dataclass
+class DispatchStats:
+    """Counters shown by GET /v1/node (and, later, exported as metrics)."""
+
+    claimed: int = 0
+    succeeded: int = 0
+    declined: int = 0
+    failed: int = 0
+    retries: int = 0
+    needs_reconciliation: int = 0
+    reconciled: int = 0
+    recovered: int = 0
+    batches: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A payment this leader has stamped in_flight."""
+
+    id: int
+    idempotency_key: str
+    amount: int
+    currency: str
+    reference: str | None
+    attempts: int
+    created_at: datetime
+
+    def request(self) -> ChargeRequest:
+        """The provider request: identical on every attempt of this payment."""
+        return ChargeRequest(
+            idempotency_key=self.idempotency_key,
+            amount=self.amount,
+            currency=self.currency,
+            reference=self.reference,
+            payment_id=self.id,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one provider call led to, waiting to be recorded."""
+
+    payment_id: int
+    attempt: int
+    status: PaymentStatus
+    attempt_outcome: str
+    charge_id: str | None
+    error: str | None
+    http_status: int | None
+    delay: float
+    started: datetime
+    finished: datetime
+
+
+class Dispatcher:
+    """One term's queue drain. Create per term; ``run()`` until stopping or cancelled."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: AsyncEngine,
+        provider: ProviderClient,
+        leadership: Leadership,
+        stats: DispatchStats,
+        election_stats: ElectionStats,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.provider = provider
+        self.leadership = leadership
+        self.stats = stats
+        self.election_stats = election_stats
+        self.token = leadership.token
+        self._wake = asyncio.Event()
+        self._outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
+        self._calls: dict[int, asyncio.Task[None]] = {}
+        self._claimed: set[int] = set()  # in flight under our token, not yet recorded
+
+    # --- the term -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Recover, then claim → call → record until asked to stop. Stale → StaleLeader."""
+        helpers = [
+            asyncio.create_task(self._record_loop(), name="dispatch-recorder"),
+            asyncio.create_task(self._listen(), name="dispatch-listener"),
+            asyncio.create_task(self._reconcile_loop(), name="dispatch-reconcile"),
+        ]
+        try:
+            await self._recover()
+            await self._claim_loop(helpers)
+            await self._drain_gracefully()
+        finally:
+            # Shielded: the elector cancels this task when it steps down, possibly while we
+            # are already unwinding; the final (fenced) writes must still be attempted.
+            # _leave is bounded by its own timeouts.
+            leaving = asyncio.ensure_future(self._leave(helpers))
+            try:
+                await asyncio.shield(leaving)
+            except asyncio.CancelledError:
+                await leaving
+                raise
+
+    async def _leave(self, helpers: Sequence[asyncio.Task[None]]) -> None:
+        for call in self._calls.values():
+            call.cancel()  # abandoned: their results would be fenced out anyway
+        for helper in helpers:
+            helper.cancel()
+        await asyncio.gather(*self._calls.values(), *helpers, return_exceptions=True)
+        await self._final_writes()
+
+    async def _claim_loop(self, helpers: Sequence[asyncio.Task[None]]) -> None:
+        settings = self.settings
+        while not self.leadership.stopping.is_set():
+            for helper in helpers:
+                if helper.done():
+                    helper.result()  # a recorder error (StaleLeader…) ends the term
+            free = settings.dispatch_concurrency - len(self._calls)
+            batch: list[Claimed] = []
+            if free > 0:
+                batch = await self._claim(min(free, settings.dispatch_batch_size))
+            for payment in batch:
+                self._claimed.add(payment.id)
+                self._calls[payment.id] = asyncio.create_task(self._call(payment))
+            if batch and len(batch) == min(free, settings.dispatch_batch_size):
+                continue  # more may be waiting: claim again without sleeping
+            self._wake.clear()
+            waiters: set[asyncio.Future[Any]] = {
+                asyncio.ensure_future(self._wake.wait()),
+                asyncio.ensure_future(self.leadership.stopping.wait()),
+                *helpers,
+            }
+            if free <= 0:
+                waiters |= set(self._calls.values())
+            _, pending = await asyncio.wait(
+                waiters,
+                timeout=settings.dispatch_poll_interval,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            for waiter in pending:
+                if waiter not in helpers and waiter not in self._calls.values():
+                    waiter.cancel()
+
+    async def _drain_gracefully(self) -> None:
+        """Resigning: no new claims; give calls in flight a bounded time, record them."""
+        if self._calls:
+            grace = max(0.0, min(self.settings.shutdown_grace * 0.8, self.leadership.remaining()))
+            await asyncio.wait(list(self._calls.values()), timeout=grace)
+        await self._flush_outcomes()
+
+    # --- claiming and calling -------------------------------------------------------------
+
+    async def _claim(self, limit: int) -> list[Claimed]:
+        async with self._leader_tx(self.leadership.call_timeout(self.settings.db_timeout)) as conn:
+            rows = await conn.execute(queue.CLAIM, {"limit": limit, "token": self.token})
+            claimed = [Claimed(*row) for row in rows]
+        if claimed:
+            self.stats.claimed += len(claimed)
+            self.stats.batches += 1
+        return claimed
+
+    async def _call(self, payment: Claimed) -> None:
+        started = datetime.now(UTC)
+        try:
+            timeout = self.leadership.call_timeout(self.settings.provider_timeout)
+            charge = await self.provider.charge(payment.request(), timeout=timeout)
+        except LeadershipLost:
+            return  # validity ran out before the call: leave it claimed for release
+        except (RetryableProviderError, UnknownOutcome) as exc:
+            outcome = self._retry_or_park(payment, exc, started)
+        except TerminalProviderError as exc:
+            outcome = self._outcome(
+                payment, PaymentStatus.FAILED, "failed", None, str(exc), exc.status, started
+            )
+        else:
+            outcome = self._from_charge(payment, charge, started)
+        self._outcomes.put_nowait(outcome)
+
+    def _from_charge(self, payment: Claimed, charge: Charge, started: datetime) -> Outcome:
+        if charge.status == "declined":
+            return self._outcome(
+                payment,
+                PaymentStatus.DECLINED,
+                "declined",
+                charge.charge_id,
+                f"declined: {charge.decline_code or 'no reason given'}",
+                charge.http_status,
+                started,
+            )
+        return self._outcome(
+            payment,
+            PaymentStatus.SUCCEEDED,
+            "succeeded",
+            charge.charge_id,
+            None,
+            charge.http_status,
+            started,
+        )
+
+    def _retry_or_park(self, payment: Claimed, exc: Exception, started: datetime) -> Outcome:
+        settings = self.settings
+        kind = "unknown" if isinstance(exc, UnknownOutcome) else "retry"
+        status_code = getattr(exc, "status", None)
+        age = datetime.now(UTC) - payment.created_at
+        retention = timedelta(hours=settings.idempotency_retention_hours)
+        if payment.attempts >= settings.max_attempts or age > retention * 0.9:
+            # Re-sending past the budget, or near the key's expiry at the provider, could
+            # charge twice; look it up instead.
+            return self._outcome(
+                payment,
+                PaymentStatus.NEEDS_RECONCILIATION,
+                kind,
+                None,
+                f"{exc} (after {payment.attempts} attempts)",
+                status_code,
+                started,
+            )
+        delay = min(
+            settings.retry_max_delay, settings.retry_base_delay * 2 ** (payment.attempts - 1)
+        )
+        delay *= random.uniform(0.5, 1.0)  # jitter: spread retries of a failed burst
+        return self._outcome(
+            payment, PaymentStatus.PENDING, kind, None, str(exc), status_code, started, delay=delay
+        )
+
+    def _outcome(
+        self,
+        payment: Claimed,
+        status: PaymentStatus,
+        attempt_outcome: str,
+        charge_id: str | None,
+        error: str | None,
+        http_status: int | None,
+        started: datetime,
+        *,
+        delay: float = 0.0,
+    ) -> Outcome:
+        return Outcome(
+            payment.id,
+            payment.attempts,
+            status,
+            attempt_outcome,
+            charge_id,
+            error[:500] if error else None,
+            http_status,
+            delay,
+            started,
+            datetime.now(UTC),
+        )
+
+    # --- recording ------------------------------------------------------------------------
+
+    async def _record_loop(self) -> None:
+        while True:
+            first = await self._outcomes.get()
+            batch = [first]
+            while not self._outcomes.empty() and len(batch) < 500:
+                batch.append(self._outcomes.get_nowait())
+            await self._record(batch)
+
+    async def _flush_outcomes(self) -> None:
+        batch = []
+        while not self._outcomes.empty():
+            batch.append(self._outcomes.get_nowait())
+        if batch:
+            await self._record(batch)
+
+    async def _record(self, batch: list[Outcome]) -> None:
+        params: dict[str, Any] = {"token": self.token, "node": self.settings.node_id}
+        async with self._leader_tx(self.settings.db_timeout) as conn:
+            await conn.execute(
+                queue.RECORD_OUTCOMES,
+                {
+                    **params,
+                    "ids": [o.payment_id for o in batch],
+                    "statuses": [o.status.value for o in batch],
+                    "charge_ids": [o.charge_id for o in batch],
+                    "errors": [o.error for o in batch],
+                    "delays": [o.delay for o in batch],
+                },
+            )
+            await conn.execute(
+                queue.RECORD_ATTEMPTS,
+                {
+                    **params,
+                    "ids": [o.payment_id for o in batch],
+                    "attempts": [o.attempt for o in batch],
+                    "started": [o.started for o in batch],
+                    "finished": [o.finished for o in batch],
+                    "outcomes": [o.attempt_outcome for o in batch],
+                    "https": [o.http_status for o in batch],
+                    "errors": [o.error for o in batch],
+                },
+            )
+        for outcome in batch:
+            self._claimed.discard(outcome.payment_id)
+            self._calls.pop(outcome.payment_id, None)
+            self._count(outcome)
+
+    def _count(self, outcome: Outcome) -> None:
+        stats = self.stats
+        stats.outcomes[outcome.attempt_outcome] = stats.outcomes.get(outcome.attempt_outcome, 0) + 1
+        if outcome.status is PaymentStatus.SUCCEEDED:
+            stats.succeeded += 1
+        elif outcome.status is PaymentStatus.DECLINED:
+            stats.declined += 1
+        elif outcome.status is PaymentStatus.FAILED:
+            stats.failed += 1
+        elif outcome.status is PaymentStatus.PENDING:
+            stats.retries += 1
+        else:
+            stats.needs_reconciliation += 1
+
+    async def _final_writes(self) -> None:
+        """On the way out: record what finished and release what did not. Both are fenced:
+        after a takeover they are rejected, which is counted and logged, never applied."""
+        log.info(
+            "token %s: leaving; recording %d finished calls, releasing %d claimed payments",
+            self.token,
+            self._outcomes.qsize(),
+            len(self._claimed),
+        )
+        try:
+            async with asyncio.timeout(min(self.settings.db_timeout, 2.0)):
+                await self._flush_outcomes()
+                if self._claimed:
+                    async with self._leader_tx(None) as conn:
+                        await conn.execute(
+                            queue.RELEASE, {"token": self.token, "ids": sorted(self._claimed)}
+                        )
+        except StaleLeader:
+            pass  # counted and logged in _leader_tx
+        except (DatabaseUnavailable, TimeoutError) as exc:
+            log.warning(
+                "token %s: could not record/release on the way out (the next leader "
+                "recovers them): %s",
+                self.token,
+                exc,
+            )
+
+    # --- recovery and reconciliation ------------------------------------------------------
+
+    async def _recover(self) -> None:
+        """Before claiming anything: re-queue every payment an older leader left in flight."""
+        timeout = self.leadership.call_timeout(self.settings.db_timeout)
+        async with self._leader_tx(timeout) as conn:
+            rows = await conn.execute(
+                queue.RECOVER, {"token": self.token, "node": self.settings.node_id}
+            )
+            recovered = len(rows.fetchall())
+        if recovered:
+            self.stats.recovered += recovered
+            log.info(
+                "token %s: re-queued %d payments left in flight by an older leader",
+                self.token,
+                recovered,
+            )
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RECONCILE_EVERY)
+            await self._reconcile_once()
+
+    async def _reconcile_once(self) -> None:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(queue.RECONCILE_CANDIDATES, {"limit": 50})).fetchall()
+        for payment_id, key in rows:
+            try:
+                timeout = self.leadership.call_timeout(self.settings.provider_timeout)
+                charge = await self.provider.find_by_key(key, timeout=timeout)
+            except (RetryableProviderError, UnknownOutcome) as exc:
+                log.warning("reconcile of payment %s deferred: %s", payment_id, exc)
+                return
+            if charge is None:
+                continue  # never charged: an operator decides (retry or fail)
+            status = "declined" if charge.status == "declined" else "succeeded"
+            async with self._leader_tx(self.leadership.call_timeout(self.settings.db_timeout)) as c:
+                await c.execute(
+                    queue.RECONCILE,
+                    {
+                        "id": payment_id,
+                        "status": status,
+                        "charge_id": charge.charge_id,
+                        "error": None,
+                        "token": self.token,
+                    },
+                )
+            self.stats.reconciled += 1
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _leader_tx(self, timeout: float | None) -> Any:
+        """A transaction that opens with the fence assertion; errors become typed."""
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if timeout is not None:
+                    await stack.enter_async_context(asyncio.timeout(timeout))
+                conn: AsyncConnection = await stack.enter_async_context(self.engine.begin())
+                await conn.execute(
+                    queue.ASSERT_FENCE, {"fence": self.settings.fence_name, "token": self.token}
+                )
+                yield conn
+        except (StaleLeader, LeadershipLost, asyncio.CancelledError, TimeoutError):
+            raise
+        except Exception as exc:
+            typed = translate(exc)
+            if isinstance(typed, StaleLeader):
+                self.election_stats.stale_writes_rejected += 1
+                log.warning("write with token %s rejected by the fence: %s", self.token, typed)
+            if typed is None:
+                raise
+            raise typed from exc
+
+    async def _listen(self) -> None:
+        """LISTEN on a dedicated connection; re-LISTEN after any reconnect. Polling covers
+        notifications lost while disconnected."""
+        while True:
+            conn = None
+            try:
+                conn = await asyncpg.connect(
+                    self.settings.asyncpg_dsn, timeout=self.settings.db_timeout
+                )
+                await conn.add_listener(self.settings.notify_channel, lambda *_: self._wake.set())
+                closed = asyncio.Event()
+                conn.add_termination_listener(lambda *_, ev=closed: ev.set())
+                self._wake.set()  # anything inserted while we were not listening
+                await closed.wait()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("LISTEN connection lost (%s); polling until it is back", exc)
+                await asyncio.sleep(0.5)
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.close(), 1.0)
