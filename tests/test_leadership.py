@@ -118,6 +118,7 @@ def test_a_leader_paused_past_its_lease_is_replaced_and_does_not_act_after_sigco
         new = replicas.wait_leader(survivors, above=old["token"], timeout=TTL + 5)
     finally:
         victim.resume()
+
     # On resumption the old leader finds its validity deadline passed and steps down.
     def stepped_down() -> dict[str, Any] | None:
         node = victim.node()
@@ -147,6 +148,7 @@ def test_a_blocked_event_loop_makes_the_leader_step_down_without_acting(
         new = replicas.wait_leader(survivors, above=old["token"], timeout=TTL + 5)
     finally:
         blocker.join()
+
     def stepped_down() -> dict[str, Any] | None:
         node = victim.node()
         if node is not None and node["transitions"].get("lost", 0) >= 1:
