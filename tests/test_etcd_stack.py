@@ -343,7 +343,7 @@ async def test_losing_the_first_listed_member_costs_at_most_one_call(
         assert failures <= 1
 
 
-async def test_losing_the_raft_leader_recovers_after_one_failed_call(
+async def test_losing_the_raft_leader_recovers_within_two_election_timeouts(
     healthy_cluster: EtcdCluster,
 ) -> None:
     members = (await _follower_first(healthy_cluster))[::-1]  # the raft leader listed first
@@ -352,9 +352,18 @@ async def test_losing_the_raft_leader_recovers_after_one_failed_call(
         await etcd.get(key)
         started = time.monotonic()
         await asyncio.to_thread(members[0].kill)
-        _, failures = await _retry_once(lambda: etcd.get(key))
+        # Calls fail fast ("leader changed", "no leader") until the survivors elect a new
+        # raft leader; the client must then recover by itself.
+        failures = 0
+        while True:
+            try:
+                await etcd.get(key)
+                break
+            except EtcdUnavailable:
+                failures += 1
+                assert time.monotonic() - started < 2 * ELECTION_TIMEOUT, failures
+                await asyncio.sleep(0.05)
         assert time.monotonic() - started < 2 * ELECTION_TIMEOUT
-        assert failures <= 1
         assert await asyncio.to_thread(healthy_cluster.raft_leader) in members[1:]
 
 

@@ -1,0 +1,108 @@
+"""haproxy in front of the replicas, when the ``haproxy`` binary is on PATH."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from app.stack import StackError
+from app.stack.ports import free_port
+from app.stack.replica import http_json
+
+CONFIG = """\
+global
+    maxconn 4096
+
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 30s
+    timeout server 30s
+    retries 2
+    option redispatch
+
+frontend api
+    bind 127.0.0.1:{port}
+    default_backend replicas
+
+backend replicas
+    balance roundrobin
+    option httpchk GET /readyz
+    default-server inter 500ms fall 2 rise 1
+{servers}
+"""
+
+
+def haproxy_binary() -> str | None:
+    """Path of haproxy if installed."""
+    return shutil.which("haproxy")
+
+
+@dataclass
+class HaproxyProcess:
+    """Round-robin over the replicas, health-checked on /readyz."""
+
+    base_dir: Path
+    backends: list[tuple[str, int]]  # (name, port)
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The load balancer's URL."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def config_path(self) -> Path:
+        """Where the generated config lives."""
+        return self.base_dir / "haproxy.cfg"
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Write the config, check it, start in the foreground mode (-db), wait for a backend."""
+        binary = haproxy_binary()
+        if binary is None:
+            raise StackError("haproxy is not on PATH")
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        servers = "\n".join(
+            f"    server {name} 127.0.0.1:{port} check" for name, port in self.backends
+        )
+        self.config_path.write_text(CONFIG.format(port=self.port, servers=servers))
+        check = subprocess.run(
+            [binary, "-c", "-q", "-f", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if check.returncode != 0:
+            raise StackError(f"haproxy rejected its config: {check.stderr.strip()}")
+        with (self.base_dir / "haproxy.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [binary, "-db", "-f", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise StackError(f"haproxy exited with {self.process.returncode}")
+            if http_json(f"{self.url}/readyz", timeout=0.5)[0] == 200:
+                return
+            time.sleep(0.1)
+        raise StackError(f"haproxy not serving after {timeout}s")
+
+    def stop(self) -> None:
+        """Stop (SIGTERM: immediate; connections are client-retried)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)

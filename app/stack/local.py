@@ -1,0 +1,292 @@
+"""The whole system on loopback, in one temp directory: 3-member etcd, PostgreSQL (migrated),
+the stand-in provider, N replicas and (when installed) haproxy. Used by the demo, the load
+scenarios and the tests. ``stop()`` leaves no process behind, and says so if it cannot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from app.stack import StackError
+from app.stack.etcd import EtcdCluster
+from app.stack.haproxy import HaproxyProcess, haproxy_binary
+from app.stack.postgres import PostgresServer
+from app.stack.provider import ProviderProcess
+from app.stack.replica import ReplicaProcess, http_json
+
+log = logging.getLogger(__name__)
+
+DATABASE = "paydispatch"
+
+
+@dataclass
+class LocalStack:
+    """Everything paydispatch needs, as real processes on 127.0.0.1."""
+
+    replicas: int = 3
+    etcd_members: int = 3
+    provider_settings: dict[str, Any] = field(default_factory=dict)
+    replica_env: dict[str, str] = field(default_factory=dict)
+    use_haproxy: bool | None = None  # None: when haproxy is on PATH
+    base_dir: Path | None = None
+    say: Callable[[str], None] = log.info
+
+    def __post_init__(self) -> None:
+        self._owns_dir = self.base_dir is None
+        self.dir = self.base_dir or Path(tempfile.mkdtemp(prefix="paydispatch-stack-"))
+        self.postgres = PostgresServer(base_dir=self.dir / "postgres")
+        self.etcd = EtcdCluster(size=self.etcd_members, base_dir=self.dir / "etcd")
+        self.provider = ProviderProcess(self.dir / "provider", dict(self.provider_settings))
+        self.nodes: list[ReplicaProcess] = []
+        self.haproxy: HaproxyProcess | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    @property
+    def database_url(self) -> str:
+        """URL of the stack's database."""
+        return self.postgres.url(DATABASE)
+
+    @property
+    def ingress(self) -> list[str]:
+        """Where clients send payments: haproxy if running, else every replica."""
+        if self.haproxy is not None:
+            return [self.haproxy.url]
+        return [node.url for node in self.nodes]
+
+    def env(self) -> dict[str, str]:
+        """Environment shared by every replica (and by `paydispatch migrate`)."""
+        return {
+            "PAYDISPATCH_DATABASE_URL": self.database_url,
+            "PAYDISPATCH_ETCD_ENDPOINTS": self.etcd.endpoints_csv,
+            "PAYDISPATCH_PROVIDER_URL": self.provider.url,
+            "PAYDISPATCH_CLUSTER_NAME": f"local-{uuid.uuid4().hex[:8]}",
+            "PAYDISPATCH_TEST_HOOKS": "false",
+            **self.replica_env,
+        }
+
+    def start(self) -> LocalStack:
+        """Bring everything up, in dependency order. On failure, tears down what started."""
+        try:
+            self.say(f"stack directory {self.dir}")
+            self.postgres.start()
+            self._create_database()
+            self.say(f"postgres ready on 127.0.0.1:{self.postgres.port}")
+            self.etcd.start()
+            self.say(f"etcd cluster of {self.etcd_members} ready: {self.etcd.endpoints_csv}")
+            self.provider.start()
+            self.say(f"provider ready at {self.provider.url}")
+            env = self.env()
+            self._migrate(env)
+            self.say("schema migrated")
+            self.nodes = [
+                ReplicaProcess(node_id=f"replica-{i + 1}", env=env, log_dir=self.dir / "replicas")
+                for i in range(self.replicas)
+            ]
+            for node in self.nodes:
+                node.start()
+            for node in self.nodes:
+                node.wait_ready()
+            self.say(
+                f"{self.replicas} replicas ready: " + ", ".join(node.url for node in self.nodes)
+            )
+            want_haproxy = (
+                self.use_haproxy if self.use_haproxy is not None else bool(haproxy_binary())
+            )
+            if want_haproxy:
+                self.haproxy = HaproxyProcess(
+                    self.dir / "haproxy", [(n.node_id, n.port) for n in self.nodes]
+                )
+                self.haproxy.start()
+                self.say(f"haproxy load balancer at {self.haproxy.url}")
+            else:
+                self.say(
+                    "haproxy is not on PATH: the load generator spreads requests over "
+                    "the replicas itself"
+                )
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _create_database(self) -> None:
+        import asyncpg
+
+        async def create() -> None:
+            conn = await asyncpg.connect(self.postgres.url("postgres"))
+            try:
+                exists = await conn.fetchval(
+                    "SELECT 1 FROM pg_database WHERE datname = $1", DATABASE
+                )
+                if not exists:
+                    await conn.execute(f"CREATE DATABASE {DATABASE}")
+            finally:
+                await conn.close()
+
+        asyncio.run(create())
+
+    def _migrate(self, env: dict[str, str]) -> None:
+        result = subprocess.run(
+            [sys.executable, "-m", "app.cli", "migrate"],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise StackError(f"migrate failed: {result.stderr.strip()}")
+
+    def stop(self) -> None:
+        """Stop everything (replicas resign first) and check that nothing is left running."""
+        if self.haproxy is not None:
+            self.haproxy.stop()
+        if self.nodes:
+            with ThreadPoolExecutor(len(self.nodes)) as pool:
+                list(pool.map(lambda node: node.terminate(timeout=10), self.nodes))
+        self.provider.stop()
+        with contextlib.suppress(StackError):
+            self.etcd.stop()
+        self.postgres.stop()
+        left = self.leftover_pids()
+        if left:
+            raise StackError(f"processes still running after stop: {left}")
+        if self._owns_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def leftover_pids(self) -> list[int]:
+        """PIDs of this stack's processes that are still alive."""
+        pids = [node.pid for node in self.nodes]
+        pids += [self.provider.pid, self.postgres.pid]
+        pids += [member.pid for member in self.etcd.members]
+        if self.haproxy is not None and self.haproxy.process is not None:
+            pids.append(self.haproxy.process.pid if self.haproxy.process.poll() is None else None)
+        return [pid for pid in pids if pid is not None]
+
+    def all_pids(self) -> list[int]:
+        """Every PID the stack started that is running now (for tests and operators)."""
+        return self.leftover_pids()
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # --- observation ------------------------------------------------------------------------
+
+    def leader(self) -> tuple[ReplicaProcess, dict[str, Any]] | None:
+        """The replica that leads right now, per its own /v1/node (None while none does)."""
+        for node in self.nodes:
+            if node.pid is None:
+                continue
+            view = node.node(timeout=0.5)
+            if view is not None and view.get("is_leader"):
+                return node, view
+        return None
+
+    def observed_leader(self) -> dict[str, Any] | None:
+        """GET /v1/leader from the first replica that answers."""
+        for node in self.nodes:
+            status, body = http_json(f"{node.url}/v1/leader", timeout=0.5)
+            if status == 200:
+                return dict(body)
+        return None
+
+    def node(self, node_id: str) -> ReplicaProcess:
+        """The replica named ``node_id``."""
+        for node in self.nodes:
+            if node.node_id == node_id:
+                return node
+        raise KeyError(node_id)
+
+    # --- faults -----------------------------------------------------------------------------
+
+    def wait_leader(self, exclude: str | None = None, timeout: float = 20.0) -> ReplicaProcess:
+        """Wait until a replica (other than ``exclude``) leads; return it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.leader()
+            if found is not None and found[0].node_id != exclude:
+                return found[0]
+            time.sleep(0.05)
+        raise StackError(f"no leader (other than {exclude}) after {timeout}s")
+
+    def inject(self, fault: str) -> None:
+        """Apply one fault by name and heal it, leaving the stack whole again (blocking).
+
+        kill: SIGKILL the leader, restart it once another leads. stop: SIGSTOP the leader
+        until another leads (past its lease), then SIGCONT. term: SIGTERM (graceful
+        handover), then restart. etcd-member: kill one etcd member, restart it after 3 s.
+        etcd-quorum: kill two members for a lease TTL and a half, restart them.
+        postgres-restart: fast shutdown, 1.5 s down, start. provider-restart: SIGKILL and
+        restart on the same ledger.
+        """
+        if fault in ("kill", "stop", "term"):
+            victim = self.wait_leader()
+            if fault == "kill":
+                victim.kill()
+                self.wait_leader(exclude=victim.node_id)
+                victim.start()
+                victim.wait_ready()
+            elif fault == "stop":
+                victim.pause()
+                try:
+                    self.wait_leader(exclude=victim.node_id)
+                finally:
+                    victim.resume()
+            else:
+                victim.signal(signal.SIGTERM)
+                self.wait_leader(exclude=victim.node_id)
+                victim.terminate()
+                victim.start()
+                victim.wait_ready()
+        elif fault == "etcd-member":
+            member = self.etcd.members[0]
+            member.kill()
+            time.sleep(3)
+            member.start()
+            self.etcd.wait_healthy()
+        elif fault == "etcd-quorum":
+            members = self.etcd.members[:2]
+            for member in members:
+                member.kill()
+            time.sleep(3)
+            for member in members:
+                member.start()
+            self.etcd.wait_healthy()
+        elif fault == "postgres-restart":
+            self.postgres.restart(down_for=1.5)
+        elif fault == "provider-restart":
+            self.provider.restart()
+        else:
+            raise ValueError(f"unknown fault {fault!r}")
+
+    def stale_writes_rejected(self) -> int:
+        """Sum of fence rejections reported by the replicas that answer."""
+        total = 0
+        for node in self.nodes:
+            view = node.node(timeout=0.5)
+            if view is not None:
+                total += int(view.get("stale_writes_rejected", 0))
+        return total

@@ -1,0 +1,156 @@
+"""``python -m load SCENARIO``: load and fault scenarios with an exactly-once verdict.
+
+Against the local stack (default: started here, on loopback, torn down after) or against a
+running deployment (``--target``; faults then need ``--fault-command``). Every run is bounded
+by --rate x --duration payments and a deadline; the JSON report goes to --report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from app.demo import Progress, render_verdict
+from app.scenario import ALL_FAULTS, ScenarioResult, Target, observed_leader, run_scenario
+from app.stack.local import LocalStack
+from load.scenarios import SCENARIOS
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m load", description=__doc__)
+    parser.add_argument("scenario", choices=sorted(SCENARIOS))
+    parser.add_argument("--rate", type=float, default=300.0, help="payments per second")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of load")
+    parser.add_argument("--kills", type=int, default=3, help="faults for repeating scenarios")
+    parser.add_argument("--replicas", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=1, help="seed of the chaos mix")
+    parser.add_argument("--report", type=Path, help="write the JSON report here")
+    parser.add_argument("--settle-timeout", type=float, default=60.0)
+    remote = parser.add_argument_group("a running deployment instead of the local stack")
+    remote.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        help="ingress URL (load balancer or replica); repeatable",
+    )
+    remote.add_argument(
+        "--node-url",
+        action="append",
+        default=[],
+        help="a replica's own URL for /v1/leader; repeatable",
+    )
+    remote.add_argument("--database-url", default=os.environ.get("PAYDISPATCH_DATABASE_URL"))
+    remote.add_argument("--provider-url", default=os.environ.get("PAYDISPATCH_PROVIDER_URL"))
+    remote.add_argument(
+        "--fault-command",
+        help="shell command that injects a fault; gets FAULT and "
+        "LEADER_NODE_ID in its environment (e.g. deploy/kill-leader.sh)",
+    )
+    return parser.parse_args(argv)
+
+
+def print_report(result: ScenarioResult, args: argparse.Namespace) -> None:
+    report = {"scenario": args.scenario, **result.report()}
+    render_verdict(result, sys.stdout)
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"report: {args.report}")
+    print(
+        json.dumps(
+            {
+                k: report[k]
+                for k in (
+                    "scenario",
+                    "exactly_once",
+                    "accepted",
+                    "charged",
+                    "duplicates",
+                    "lost",
+                    "mismatched",
+                    "stuck",
+                    "throughput_per_s",
+                )
+            }
+        )
+    )
+
+
+async def run_remote(args: argparse.Namespace, faults: list[str]) -> ScenarioResult:
+    if not (args.database_url and args.provider_url):
+        raise SystemExit("--target needs --database-url and --provider-url for the checker")
+    node_urls = args.node_url or args.target
+
+    def inject(fault: str) -> None:
+        leader = observed_leader(node_urls)
+        env = {**os.environ, "FAULT": fault, "LEADER_NODE_ID": leader["node_id"] if leader else ""}
+        subprocess.run(args.fault_command, shell=True, check=True, env=env)
+
+    if faults and not args.fault_command:
+        raise SystemExit(
+            f"scenario {args.scenario} injects faults: give --fault-command "
+            "(this runner cannot reach a remote deployment's processes)"
+        )
+    target = Target(
+        ingress=args.target,
+        database_url=args.database_url,
+        provider_url=args.provider_url,
+        node_urls=node_urls,
+        inject=inject if args.fault_command else None,
+    )
+    return await run_scenario(
+        target,
+        rate=args.rate,
+        duration=args.duration,
+        faults=faults,
+        settle_timeout=args.settle_timeout,
+        on_sample=Progress(sys.stdout),
+    )
+
+
+async def run_local(args: argparse.Namespace, faults: list[str]) -> ScenarioResult:
+    scenario = SCENARIOS[args.scenario]
+    stack = LocalStack(
+        replicas=args.replicas,
+        provider_settings=dict(scenario.provider),
+        replica_env=dict(scenario.replica_env),
+        say=lambda s: print(f"· {s}"),
+    )
+    await asyncio.to_thread(stack.start)
+    try:
+        target = Target(
+            ingress=stack.ingress,
+            database_url=stack.database_url,
+            provider_url=stack.provider.url,
+            node_urls=[n.url for n in stack.nodes],
+            inject=stack.inject,
+        )
+        return await run_scenario(
+            target,
+            rate=args.rate,
+            duration=args.duration,
+            faults=faults,
+            settle_timeout=args.settle_timeout,
+            on_sample=Progress(sys.stdout),
+        )
+    finally:
+        await asyncio.to_thread(stack.stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    faults = SCENARIOS[args.scenario].plan(args.kills, args.seed)
+    assert all(f in ALL_FAULTS for f in faults)
+    runner = run_remote if args.target else run_local
+    result = asyncio.run(runner(args, faults))
+    print_report(result, args)
+    return 0 if result.verdict.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
