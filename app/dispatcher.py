@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from collections.abc import Sequence
@@ -157,35 +158,45 @@ class Dispatcher:
 
     async def _claim_loop(self, helpers: Sequence[asyncio.Task[None]]) -> None:
         settings = self.settings
+        batch_size = settings.dispatch_batch_size
+        # Top up in sizeable batches: refilling one free slot at a time would cost a claim
+        # round trip per payment.
+        low_water = max(1, min(batch_size, settings.dispatch_concurrency) // 4)
         while not self.leadership.stopping.is_set():
             for helper in helpers:
                 if helper.done():
-                    helper.result()  # a recorder error (StaleLeader…) ends the term
-            free = settings.dispatch_concurrency - len(self._calls)
-            batch: list[Claimed] = []
-            if free > 0:
-                batch = await self._claim(min(free, settings.dispatch_batch_size))
-            for payment in batch:
-                self._claimed.add(payment.id)
-                self._calls[payment.id] = asyncio.create_task(self._call(payment))
-            if batch and len(batch) == min(free, settings.dispatch_batch_size):
-                continue  # more may be waiting: claim again without sleeping
+                    helper.result()  # a recorder error (StaleLeader...) ends the term
+            # Cleared before claiming, so a NOTIFY or a recorded batch that lands while we
+            # claim still wakes the wait below.
             self._wake.clear()
-            waiters: set[asyncio.Future[Any]] = {
+            free = settings.dispatch_concurrency - len(self._claimed)
+            if free >= low_water or (free > 0 and not self._claimed):
+                want = min(free, batch_size)
+                batch = await self._claim(want)
+                for payment in batch:
+                    self._start_call(payment)
+                if len(batch) == want:
+                    continue  # more may be waiting: claim again without sleeping
+            waiters = [
                 asyncio.ensure_future(self._wake.wait()),
                 asyncio.ensure_future(self.leadership.stopping.wait()),
-                *helpers,
-            }
-            if free <= 0:
-                waiters |= set(self._calls.values())
-            _, pending = await asyncio.wait(
-                waiters,
+            ]
+            await asyncio.wait(
+                [*waiters, *helpers],
                 timeout=settings.dispatch_poll_interval,
                 return_when=asyncio.FIRST_COMPLETED,
             )
-            for waiter in pending:
-                if waiter not in helpers and waiter not in self._calls.values():
-                    waiter.cancel()
+            for waiter in waiters:
+                waiter.cancel()
+
+    def _start_call(self, payment: Claimed) -> None:
+        self._claimed.add(payment.id)
+        task = asyncio.create_task(self._call(payment))
+        self._calls[payment.id] = task
+        task.add_done_callback(functools.partial(self._call_done, payment.id))
+
+    def _call_done(self, payment_id: int, _: asyncio.Task[None]) -> None:
+        self._calls.pop(payment_id, None)
 
     async def _drain_gracefully(self) -> None:
         """Resigning: no new claims; give calls in flight a bounded time, record them."""
@@ -340,8 +351,8 @@ class Dispatcher:
             )
         for outcome in batch:
             self._claimed.discard(outcome.payment_id)
-            self._calls.pop(outcome.payment_id, None)
             self._count(outcome)
+        self._wake.set()  # room for more claims
 
     def _count(self, outcome: Outcome) -> None:
         stats = self.stats

@@ -75,6 +75,8 @@ class KeepAlive:
         self._on_lost = on_lost
         self._owner_loop = asyncio.get_running_loop()
         self._stop = threading.Event()
+        self._wake: asyncio.Event | None = None  # lives on the keep-alive thread's loop
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(
             target=self._thread_main, name=f"keepalive-{lease_id:x}", daemon=True
         )
@@ -87,6 +89,9 @@ class KeepAlive:
     async def stop(self) -> None:
         """Stop refreshing and wait for the thread (bounded: its calls have timeouts)."""
         self._stop.set()
+        if self._loop is not None and self._wake is not None:
+            with contextlib.suppress(RuntimeError):  # its loop already ended
+                self._loop.call_soon_threadsafe(self._wake.set)
         await asyncio.to_thread(self._thread.join, self.ttl + 2)
 
     def _thread_main(self) -> None:
@@ -95,13 +100,19 @@ class KeepAlive:
     async def _refresh_loop(self) -> None:
         interval = self.ttl / 3
         # The gRPC channel belongs to this thread's loop, so the client is made here.
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
         async with EtcdClient(self.endpoints, timeout=interval) as client:
             while not self._stop.is_set():
-                await asyncio.sleep(0.02)
-                if time.monotonic() - self.last_ok_sent < interval:
+                due = self.last_ok_sent + interval - time.monotonic()
+                if due > 0:
+                    # Sleep until the next refresh is due; stop() wakes us early.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), due)
                     continue
                 if self.watchdog.age() > self.ttl / 2:
                     # The main loop is blocked: let the lease lapse on purpose (see above).
+                    await asyncio.sleep(0.05)
                     continue
                 sent = time.monotonic()
                 try:
@@ -112,7 +123,8 @@ class KeepAlive:
                 except EtcdUnavailable as exc:
                     # Keep trying: the owner's deadline decides when this stops being safe.
                     log.warning("keep-alive of lease %x failed: %s", self.lease_id, exc)
-                    await asyncio.sleep(0.1)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), 0.1)
                     continue
                 if remaining > 0:
                     self.last_ok_sent = sent
