@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -13,7 +13,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app import queue
+from app.auth import auth_middleware
 from app.db import create_engine
+from app.errors import ConfigurationError
+from app.metrics import CONTENT_TYPE, Metrics, http_metrics_middleware
 from app.problems import problem, problem_middleware
 from app.settings import Settings
 from app.states import PaymentStatus
@@ -23,6 +26,11 @@ log = logging.getLogger(__name__)
 
 SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey("engine", AsyncEngine)
+
+METRICS = web.AppKey("metrics", Metrics)
+# Async steps run before each scrape (e.g. refreshing cached queue counts), so the sync
+# collectors only read memory.
+METRICS_REFRESH = web.AppKey("metrics_refresh", list[Callable[[], Awaitable[object]]])
 
 LIST_LIMIT_DEFAULT = 50
 LIST_LIMIT_MAX = 500
@@ -126,6 +134,13 @@ async def list_payments(request: web.Request) -> web.Response:
     )
 
 
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """GET /metrics — Prometheus text; open like the health endpoints (no payment data)."""
+    for refresh in request.app[METRICS_REFRESH]:
+        await refresh()
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
+
+
 async def livez(request: web.Request) -> web.Response:
     """GET /livez — the process serves HTTP (no dependency is checked)."""
     return json_response({"status": "alive"})
@@ -180,11 +195,23 @@ async def _mark_shutting_down(app: web.Application) -> None:
 
 def create_app(settings: Settings) -> web.Application:
     """The aiohttp application of one replica (API only; leadership is added by serve)."""
+    metrics = Metrics()
+    if not (settings.api_keys or settings.admin_api_keys or settings.allow_no_auth):
+        raise ConfigurationError(
+            "no API keys configured: set PAYDISPATCH_API_KEYS (comma-separated bearer tokens), "
+            "or set PAYDISPATCH_ALLOW_NO_AUTH=true to serve /v1/* without authentication"
+        )
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[problem_middleware(settings.retry_after_seconds)],
+        middlewares=[
+            http_metrics_middleware(metrics),
+            problem_middleware(settings.retry_after_seconds),
+            auth_middleware(settings.api_keys, settings.admin_api_keys),
+        ],
     )
     app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[METRICS_REFRESH] = []
     app[LIFECYCLE] = Lifecycle()
     app.cleanup_ctx.append(_database)
     app.on_shutdown.append(_mark_shutting_down)
@@ -193,4 +220,5 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/v1/payments/{id}", get_payment)
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
     return app

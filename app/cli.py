@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from typing import Any
 
 import click
 
 from app.errors import PaydispatchError
+from app.logs import configure_logging
 from app.settings import load_settings
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    # Alembic narrates every plugin it loads at INFO; operators need only its warnings.
-    logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
+def _logging(ctx: click.Context, node_id: str | None = None, secrets: tuple[str, ...] = ()) -> None:
+    """Configure logging for this command (node id and secrets known once settings are)."""
+    configure_logging(ctx.obj["log_level"], node_id=node_id, secrets=secrets)
 
 
 def _run(coro: Any) -> Any:
@@ -38,9 +33,11 @@ def _run(coro: Any) -> Any:
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
 )
-def main(log_level: str) -> None:
+@click.pass_context
+def main(ctx: click.Context, log_level: str) -> None:
     """paydispatch: exactly-once payment dispatch through leader election and fencing."""
-    _configure_logging(log_level)
+    ctx.obj = {"log_level": log_level}
+    configure_logging(log_level)
 
 
 @main.command()
@@ -62,16 +59,31 @@ def migrate(database_url: str | None) -> None:
 @click.option("--port", type=int, help="Listen port (PAYDISPATCH_PORT).")
 @click.option("--node-id", help="This replica's name (PAYDISPATCH_NODE_ID).")
 @click.option("--database-url", help="Overrides PAYDISPATCH_DATABASE_URL.")
+@click.option(
+    "--no-auth",
+    is_flag=True,
+    default=None,
+    help="Serve /v1/* without authentication (PAYDISPATCH_ALLOW_NO_AUTH).",
+)
+@click.pass_context
 def serve(
-    host: str | None, port: int | None, node_id: str | None, database_url: str | None
+    ctx: click.Context,
+    host: str | None,
+    port: int | None,
+    node_id: str | None,
+    database_url: str | None,
+    no_auth: bool | None,
 ) -> None:
     """Run a replica: HTTP API, leader election and (while leading) the dispatcher."""
     from app.server import serve as run_serve
 
     try:
-        settings = load_settings(host=host, port=port, node_id=node_id, database_url=database_url)
+        settings = load_settings(
+            host=host, port=port, node_id=node_id, database_url=database_url, allow_no_auth=no_auth
+        )
     except PaydispatchError as exc:
         raise click.ClickException(str(exc)) from None
+    _logging(ctx, settings.node_id, (*settings.api_keys, *settings.admin_api_keys))
     _run(run_serve(settings))
 
 

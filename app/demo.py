@@ -18,8 +18,6 @@ from app.chart import timeline_html
 from app.scenario import Failover, Sample, ScenarioResult, Target, run_scenario
 from app.stack.local import LocalStack
 
-DEMO_API_KEY = "demo-key-not-secret"
-
 
 class Progress:
     """One status line per sample, plus one line per failover as it is measured."""
@@ -129,7 +127,6 @@ async def run_demo(
         replicas=replicas,
         say=say,
         provider_settings={"latency_ms_min": 2, "latency_ms_max": 20},
-        replica_env={"PAYDISPATCH_API_KEYS": DEMO_API_KEY},
     )
     started = time.monotonic()
     await asyncio.to_thread(stack.start)
@@ -144,6 +141,7 @@ async def run_demo(
             provider_url=stack.provider.url,
             node_urls=[n.url for n in stack.nodes],
             inject=stack.inject,
+            api_key=stack.api_key,
         )
         result = await run_scenario(
             target, rate=rate, duration=duration, faults=faults, on_sample=Progress(out)

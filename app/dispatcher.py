@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app import queue
@@ -36,6 +37,7 @@ from app.errors import (
     TerminalProviderError,
     UnknownOutcome,
 )
+from app.metrics import Metrics
 from app.provider_client import Charge, ChargeRequest, ProviderClient
 from app.settings import Settings
 from app.states import PaymentStatus
@@ -111,6 +113,7 @@ class Dispatcher:
         leadership: Leadership,
         stats: DispatchStats,
         election_stats: ElectionStats,
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -118,6 +121,7 @@ class Dispatcher:
         self.leadership = leadership
         self.stats = stats
         self.election_stats = election_stats
+        self.metrics = metrics
         self.token = leadership.token
         self._wake = asyncio.Event()
         self._outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
@@ -128,6 +132,8 @@ class Dispatcher:
 
     async def run(self) -> None:
         """Recover, then claim → call → record until asked to stop. Stale → StaleLeader."""
+        # Bound before the helpers start: they inherit the context, so their lines carry it.
+        structlog.contextvars.bind_contextvars(token=self.token)
         helpers = [
             asyncio.create_task(self._record_loop(), name="dispatch-recorder"),
             asyncio.create_task(self._listen(), name="dispatch-listener"),
@@ -214,13 +220,19 @@ class Dispatcher:
         if claimed:
             self.stats.claimed += len(claimed)
             self.stats.batches += 1
+            self.metrics.batch_sizes.observe(len(claimed))
         return claimed
 
     async def _call(self, payment: Claimed) -> None:
+        # Each call is its own task, so this binding is local to the payment's log lines.
+        structlog.contextvars.bind_contextvars(
+            payment_id=payment.id, idempotency_key=payment.idempotency_key
+        )
         started = datetime.now(UTC)
         try:
             timeout = self.leadership.call_timeout(self.settings.provider_timeout)
-            charge = await self.provider.charge(payment.request(), timeout=timeout)
+            with self.metrics.provider_latency.time():
+                charge = await self.provider.charge(payment.request(), timeout=timeout)
         except LeadershipLost:
             return  # validity ran out before the call: leave it claimed for release
         except (RetryableProviderError, UnknownOutcome) as exc:
@@ -355,6 +367,7 @@ class Dispatcher:
         self._wake.set()  # room for more claims
 
     def _count(self, outcome: Outcome) -> None:
+        self.metrics.provider_calls.labels(outcome.attempt_outcome).inc()
         stats = self.stats
         stats.outcomes[outcome.attempt_outcome] = stats.outcomes.get(outcome.attempt_outcome, 0) + 1
         if outcome.status is PaymentStatus.SUCCEEDED:

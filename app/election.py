@@ -355,6 +355,7 @@ class LeaderObserver:
         self.client = client
         self.leader: LeaderInfo | None = None
         self.changes: list[LeaderInfo] = []  # recent leaders, newest last (bounded)
+        self.candidates: list[LeaderInfo] = []  # every campaigning replica, leader first
 
     async def run(self) -> None:
         """Follow the prefix until cancelled; reconnects from a fresh read after errors."""
@@ -387,24 +388,33 @@ class LeaderObserver:
                 await asyncio.sleep(0.2)
 
     def _update(self, candidates: dict[str, KeyValue]) -> None:
-        if not candidates:
+        ordered = sorted(candidates.values(), key=lambda kv: kv.create_revision)
+        self.candidates = [_info(kv, since="") for kv in ordered]
+        if not ordered:
             if self.leader is not None:
                 log.info("observed: no leader")
             self.leader = None
             return
-        first = min(candidates.values(), key=lambda kv: kv.create_revision)
+        first = ordered[0]
         if self.leader is not None and self.leader.token == first.create_revision:
             return
-        try:
-            value = json.loads(first.value)
-        except ValueError:
-            value = {}
-        self.leader = LeaderInfo(
-            node_id=str(value.get("node_id", "?")),
-            url=str(value.get("url", "")),
-            token=first.create_revision,
-            since=datetime.now(UTC).isoformat(),
-            key=first.key,
-        )
+        self.leader = _info(first, since=datetime.now(UTC).isoformat())
         self.changes = [*self.changes[-49:], self.leader]
         log.info("observed new leader %s with token %s", self.leader.node_id, self.leader.token)
+
+
+def _info(kv: KeyValue, *, since: str) -> LeaderInfo:
+    """A candidate key as LeaderInfo (the token is its create revision)."""
+    try:
+        value = json.loads(kv.value)
+    except ValueError:
+        value = {}
+    if not isinstance(value, dict):
+        value = {}
+    return LeaderInfo(
+        node_id=str(value.get("node_id", "?")),
+        url=str(value.get("url", "")),
+        token=kv.create_revision,
+        since=since,
+        key=kv.key,
+    )

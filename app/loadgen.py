@@ -68,6 +68,7 @@ async def post_payments(
     key_prefix: str | None = None,
     amount: Callable[[int], int] = default_amount,
     progress: Callable[[LoadResult], None] | None = None,
+    api_key: str | None = None,
 ) -> LoadResult:
     """Post ``count`` payments round-robin over ``urls`` (``rate`` per second if given).
 
@@ -92,7 +93,7 @@ async def post_payments(
                     async with http.post(
                         f"{url}/v1/payments",
                         data=body,
-                        headers={"Idempotency-Key": key, "Content-Type": "application/json"},
+                        headers=headers | {"Idempotency-Key": key},
                     ) as resp:
                         result.statuses[resp.status] += 1
                         if resp.status in (200, 202):
@@ -107,6 +108,9 @@ async def post_payments(
                 await asyncio.sleep(0.05)
             result.gave_up.append(key)
 
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
     timeout = aiohttp.ClientTimeout(total=5)
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:

@@ -32,6 +32,7 @@ class Target:
     provider_url: str
     node_urls: Sequence[str] = ()  # replicas' own URLs, for /v1/leader and /v1/node
     inject: Callable[[str], None] | None = None  # applies a fault by name (blocking)
+    api_key: str | None = None  # bearer token for /v1/*
 
 
 @dataclass
@@ -106,20 +107,20 @@ class ScenarioResult:
         }
 
 
-def observed_leader(node_urls: Sequence[str]) -> dict[str, Any] | None:
+def observed_leader(node_urls: Sequence[str], api_key: str | None = None) -> dict[str, Any] | None:
     """GET /v1/leader from the first replica that answers 200."""
     for url in node_urls:
-        status, body = http_json(f"{url}/v1/leader", timeout=0.5)
+        status, body = http_json(f"{url}/v1/leader", timeout=0.5, api_key=api_key)
         if status == 200 and isinstance(body, dict):
             return body
     return None
 
 
-def stale_writes(node_urls: Sequence[str]) -> int:
+def stale_writes(node_urls: Sequence[str], api_key: str | None = None) -> int:
     """Fence rejections reported by the replicas that answer."""
     total = 0
     for url in node_urls:
-        status, body = http_json(f"{url}/v1/node", timeout=0.5)
+        status, body = http_json(f"{url}/v1/node", timeout=0.5, api_key=api_key)
         if status == 200 and isinstance(body, dict):
             total += int(body.get("stale_writes_rejected", 0))
     return total
@@ -193,13 +194,14 @@ async def run_scenario(
             rate=rate,
             concurrency=concurrency,
             deadline_s=duration + settle_timeout,
+            api_key=target.api_key,
         )
     )
 
     async def sample_loop() -> None:
         conn = None
         while not done.is_set():
-            leader = await asyncio.to_thread(observed_leader, target.node_urls)
+            leader = await asyncio.to_thread(observed_leader, target.node_urls, target.api_key)
             try:
                 if conn is None or conn.is_closed():
                     conn = await asyncpg.connect(target.database_url, timeout=1)
@@ -230,7 +232,7 @@ async def run_scenario(
         spacing = duration / (len(faults) + 1)
         for i, fault in enumerate(faults):
             await asyncio.sleep(max(0.0, started + spacing * (i + 1) - time.monotonic()))
-            leader = await asyncio.to_thread(observed_leader, target.node_urls)
+            leader = await asyncio.to_thread(observed_leader, target.node_urls, target.api_key)
             old = leader["token"] if leader else None
             record = Failover(fault, time.monotonic() - started, old, None)
             failovers.append(record)
@@ -261,7 +263,9 @@ async def run_scenario(
     verdict = await check_exactly_once(target.database_url, target.provider_url, load.acknowledged)
     result = ScenarioResult(load=load, verdict=verdict, samples=samples, failovers=failovers)
     result.duration_s = time.monotonic() - started
-    result.stale_writes_rejected = await asyncio.to_thread(stale_writes, target.node_urls)
+    result.stale_writes_rejected = await asyncio.to_thread(
+        stale_writes, target.node_urls, target.api_key
+    )
     conn = await asyncpg.connect(target.database_url)
     try:
         rows = await conn.fetch(

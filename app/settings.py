@@ -63,7 +63,15 @@ class Settings(BaseSettings):
         "defaults to http://HOST:PORT.",
     )
     api_keys: CsvTuple = Field(
-        (), description="Comma-separated bearer tokens accepted on /v1/* (reserved for auth)."
+        (), description="Comma-separated bearer tokens accepted on /v1/* (required)."
+    )
+    admin_api_keys: CsvTuple = Field(
+        (), description="Comma-separated bearer tokens for /v1/admin/* (and all of /v1/*)."
+    )
+    allow_no_auth: bool = Field(
+        False,
+        description="Serve /v1/* without authentication when no keys are configured. Off by "
+        "default: without keys, serve refuses to start.",
     )
 
     # --- leadership ---------------------------------------------------------------------
@@ -135,7 +143,9 @@ class Settings(BaseSettings):
         "enable in production.",
     )
 
-    _split = field_validator("etcd_endpoints", "api_keys", mode="before")(_split_csv)
+    _split = field_validator("etcd_endpoints", "api_keys", "admin_api_keys", mode="before")(
+        _split_csv
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -47,6 +47,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     remote.add_argument("--database-url", default=os.environ.get("PAYDISPATCH_DATABASE_URL"))
     remote.add_argument("--provider-url", default=os.environ.get("PAYDISPATCH_PROVIDER_URL"))
     remote.add_argument(
+        "--api-key",
+        default=os.environ.get("PAYDISPATCH_API_KEY"),
+        help="bearer token for /v1/* (env PAYDISPATCH_API_KEY)",
+    )
+    remote.add_argument(
         "--fault-command",
         help="shell command that injects a fault; gets FAULT and "
         "LEADER_NODE_ID in its environment (e.g. deploy/kill-leader.sh)",
@@ -87,7 +92,7 @@ async def run_remote(args: argparse.Namespace, faults: list[str]) -> ScenarioRes
     node_urls = args.node_url or args.target
 
     def inject(fault: str) -> None:
-        leader = observed_leader(node_urls)
+        leader = observed_leader(node_urls, args.api_key)
         env = {**os.environ, "FAULT": fault, "LEADER_NODE_ID": leader["node_id"] if leader else ""}
         subprocess.run(args.fault_command, shell=True, check=True, env=env)
 
@@ -102,6 +107,7 @@ async def run_remote(args: argparse.Namespace, faults: list[str]) -> ScenarioRes
         provider_url=args.provider_url,
         node_urls=node_urls,
         inject=inject if args.fault_command else None,
+        api_key=args.api_key,
     )
     return await run_scenario(
         target,
@@ -129,6 +135,7 @@ async def run_local(args: argparse.Namespace, faults: list[str]) -> ScenarioResu
             provider_url=stack.provider.url,
             node_urls=[n.url for n in stack.nodes],
             inject=stack.inject,
+            api_key=stack.api_key,
         )
         return await run_scenario(
             target,

@@ -58,7 +58,10 @@ async def idle_latency(stack: LocalStack, samples: int) -> dict[str, float]:
                 async with http.post(
                     f"{node.url}/v1/payments",
                     json={"amount": 100, "currency": "EUR", "reference": key},
-                    headers={"Idempotency-Key": key},
+                    headers={
+                        "Idempotency-Key": key,
+                        "Authorization": f"Bearer {stack.api_key}",
+                    },
                 ) as resp:
                     payment = await resp.json()
                 for _ in range(500):  # bounded wait for the charge

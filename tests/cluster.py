@@ -14,6 +14,9 @@ from app.stack.replica import ReplicaProcess, http_json
 
 T = TypeVar("T")
 
+TEST_API_KEY = "test-api-key"
+TEST_ADMIN_KEY = "test-admin-key"
+
 
 def wait_for(
     probe: Callable[[], T | None], timeout: float, interval: float = 0.02, what: str = "condition"
@@ -68,7 +71,7 @@ class Replicas:
         return wait_for(probe, timeout, what=f"one leader with token > {above}")
 
     def observed_leader(self, replica: ReplicaProcess) -> dict[str, Any] | None:
-        status, body = http_json(f"{replica.url}/v1/leader", timeout=0.5)
+        status, body = http_json(f"{replica.url}/v1/leader", timeout=0.5, api_key=TEST_API_KEY)
         return body if status == 200 else None
 
     def stop_all(self) -> None:
@@ -107,6 +110,8 @@ def cluster_env(database_url: str, etcd_endpoints: str, **extra: str) -> dict[st
         "PAYDISPATCH_TEST_HOOKS": "true",
         "PAYDISPATCH_LOG_LEVEL": "info",
         "PAYDISPATCH_DB_POOL_SIZE": "5",
+        "PAYDISPATCH_API_KEYS": TEST_API_KEY,
+        "PAYDISPATCH_ADMIN_API_KEYS": TEST_ADMIN_KEY,
     }
     env.update(extra)
     return env

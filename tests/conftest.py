@@ -26,6 +26,7 @@ from app.stack.ports import free_port
 from app.stack.postgres import PostgresServer
 
 TEMPLATE_DB = "paydispatch_template"
+TEST_API_KEY = "test-api-key"
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +75,9 @@ async def database_url(pg_server: PostgresServer, template_db: str) -> AsyncIter
 @pytest.fixture
 def settings(database_url: str) -> Settings:
     """Replica settings pointing at this test's database."""
-    return load_settings(database_url=database_url, node_id="test-node", port=free_port())
+    return load_settings(
+        database_url=database_url, node_id="test-node", port=free_port(), api_keys=TEST_API_KEY
+    )
 
 
 @pytest.fixture
@@ -104,7 +107,10 @@ async def api(settings: Settings) -> AsyncIterator[RunningApi]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", settings.port)
     await site.start()
-    async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{settings.port}") as http:
+    async with aiohttp.ClientSession(
+        base_url=f"http://127.0.0.1:{settings.port}",
+        headers={"Authorization": f"Bearer {TEST_API_KEY}"},
+    ) as http:
         try:
             yield RunningApi(f"http://127.0.0.1:{settings.port}", http, app)
         finally:

@@ -24,7 +24,7 @@ from app.sandbox import SandboxProcess, start_sandbox_process, stop_sandbox_proc
 from app.stack.etcd import EtcdCluster
 from app.stack.postgres import PostgresServer
 from app.stack.replica import http_json
-from tests.cluster import Replicas, cluster_env, running_replicas
+from tests.cluster import TEST_API_KEY, Replicas, cluster_env, running_replicas
 
 pytestmark = pytest.mark.chaos
 
@@ -96,7 +96,9 @@ async def in_flight_count(database_url: str) -> int:
 async def test_happy_path_1000_payments_across_3_replicas_are_charged_exactly_once(
     replicas: Replicas, provider: SandboxProcess, database_url: str
 ) -> None:
-    load = await post_payments([r.url for r in replicas.all], 1000, concurrency=48)
+    load = await post_payments(
+        [r.url for r in replicas.all], 1000, concurrency=48, api_key=TEST_API_KEY
+    )
     verdict = await settle_and_check(database_url, provider.base_url, load)
     assert verdict.charged + verdict.declined == 1000
     assert verdict.declined == sum(1 for i in range(1000) if 100 + i % 997 == DECLINED_AMOUNT)
@@ -117,7 +119,9 @@ async def test_provider_faults_still_charge_each_payment_exactly_once(
     )
     try:
         with start_cluster(database_url, etcd, sandbox.base_url, tmp_path) as replicas:
-            load = await post_payments([r.url for r in replicas.all], 300, concurrency=32)
+            load = await post_payments(
+                [r.url for r in replicas.all], 300, concurrency=32, api_key=TEST_API_KEY
+            )
             verdict = await settle_and_check(database_url, sandbox.base_url, load, timeout=90)
         assert verdict.charged == 300
         async with (
@@ -137,7 +141,9 @@ async def run_with_fault(
 ) -> LoadResult:
     """Post ``count`` payments at ``rate``/s; apply ``fault`` ``fault_after`` seconds in."""
     loader = asyncio.create_task(
-        post_payments([r.url for r in replicas.all], count, rate=rate, concurrency=32)
+        post_payments(
+            [r.url for r in replicas.all], count, rate=rate, concurrency=32, api_key=TEST_API_KEY
+        )
     )
     await asyncio.sleep(fault_after)
     await asyncio.to_thread(fault)
@@ -178,7 +184,7 @@ async def test_leader_sigstop_past_ttl_then_sigcont_has_its_writes_fenced_out(
     assert node is not None
     assert node["is_leader"] is False
     if node["stale_writes_rejected"] < 1:  # show where the old leader's tasks are
-        print(json.dumps(http_json(f"{victim.url}/_test/tasks")[1], indent=1))
+        print(json.dumps(http_json(f"{victim.url}/_test/tasks", api_key=TEST_API_KEY)[1], indent=1))
     assert node["stale_writes_rejected"] >= 1, node
     conn = await asyncpg.connect(database_url)
     try:
@@ -228,7 +234,13 @@ async def test_provider_restart_mid_run_keeps_the_ledger_and_exactly_once(
     try:
         with start_cluster(database_url, etcd, sandbox.base_url, tmp_path) as replicas:
             loader = asyncio.create_task(
-                post_payments([r.url for r in replicas.all], 500, rate=250, concurrency=32)
+                post_payments(
+                    [r.url for r in replicas.all],
+                    500,
+                    rate=250,
+                    concurrency=32,
+                    api_key=TEST_API_KEY,
+                )
             )
             await asyncio.sleep(0.8)
             sandbox.process.kill()
@@ -256,7 +268,13 @@ async def test_postgres_restart_mid_run_resumes_dispatch_and_ingest_says_503(
             url, etcd, provider.base_url, tmp_path, PAYDISPATCH_DB_TIMEOUT="1"
         ) as replicas:
             loader = asyncio.create_task(
-                post_payments([r.url for r in replicas.all], 500, rate=200, concurrency=32)
+                post_payments(
+                    [r.url for r in replicas.all],
+                    500,
+                    rate=200,
+                    concurrency=32,
+                    api_key=TEST_API_KEY,
+                )
             )
             await asyncio.sleep(0.8)
             started = time.monotonic()

@@ -35,7 +35,7 @@ async def test_postgres_restart_during_ingest_answers_503_and_loses_nothing(
     own_server: PostgresServer,
 ) -> None:
     settings = load_settings(
-        database_url=own_server.url("postgres"), port=free_port(), db_timeout=1.0
+        database_url=own_server.url("postgres"), port=free_port(), db_timeout=1.0, api_keys="k"
     )
     await migrate(settings)
     app = create_app(settings)
@@ -52,7 +52,11 @@ async def test_postgres_restart_during_ingest_answers_503_and_loses_nothing(
         async with http.post(
             "/v1/payments",
             data=json.dumps({"amount": 100, "currency": "EUR"}),
-            headers={"Content-Type": "application/json", "Idempotency-Key": key},
+            headers={
+                "Content-Type": "application/json",
+                "Idempotency-Key": key,
+                "Authorization": "Bearer k",
+            },
         ) as resp:
             payload = await resp.json(content_type=None)
             if resp.status in (200, 202):

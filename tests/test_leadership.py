@@ -19,7 +19,7 @@ import pytest
 
 from app.stack.etcd import EtcdCluster
 from app.stack.replica import http_json
-from tests.cluster import Replicas, cluster_env, running_replicas, wait_for
+from tests.cluster import TEST_API_KEY, Replicas, cluster_env, running_replicas, wait_for
 
 pytestmark = pytest.mark.chaos
 
@@ -71,6 +71,13 @@ def test_exactly_one_leader_at_every_sampled_instant_and_all_agree(
         }
         time.sleep(0.04)
     assert fence_token(database_url) == leader["token"]
+
+    status, cluster = http_json(f"{replicas.all[0].url}/v1/cluster", api_key=TEST_API_KEY)
+    assert status == 200
+    assert sorted(r["node_id"] for r in cluster["replicas"]) == ["node-0", "node-1", "node-2"]
+    assert [r["node_id"] for r in cluster["replicas"] if r["leading"]] == [leader["node_id"]]
+    assert cluster["leader"]["token"] == leader["token"]
+    assert cluster["queue"]["pending"] == 0
 
 
 def test_sigkill_of_the_leader_elects_a_new_one_within_ttl_plus_one_second(
@@ -141,7 +148,7 @@ def test_a_blocked_event_loop_makes_the_leader_step_down_without_acting(
     blocker = threading.Thread(
         target=http_json,
         args=(f"{victim.url}/_test/block-loop?seconds={TTL + 2}", TTL + 5),
-        kwargs={"method": "POST"},
+        kwargs={"method": "POST", "api_key": TEST_API_KEY},
     )
     blocker.start()
     try:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from app.sandbox.models import (
     DEFAULT_LIST_LIMIT,
@@ -87,3 +92,45 @@ async def stats(request: web.Request) -> web.Response:
             "faults": {kind: s.faults[kind] for kind in ("error", "timeout", "conflict", "drop")},
         }
     )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: the provider's own Prometheus counters since start."""
+    s = request.app[SANDBOX_STATE].stats
+    families = [
+        CounterMetricFamily(
+            "paydispatch_sandbox_requests", "Charge requests received.", value=s.requests
+        ),
+        CounterMetricFamily(
+            "paydispatch_sandbox_charges", "New charges by result.", labels=["status"]
+        ),
+        CounterMetricFamily(
+            "paydispatch_sandbox_replays", "Responses replayed for a key.", value=s.replays
+        ),
+        CounterMetricFamily(
+            "paydispatch_sandbox_conflicts",
+            "409s: same key still in progress.",
+            value=s.concurrent_conflicts,
+        ),
+        CounterMetricFamily(
+            "paydispatch_sandbox_faults", "Faults injected by kind.", labels=["kind"]
+        ),
+    ]
+    families[1].add_metric(["succeeded"], s.charges_created - s.declines_created)
+    families[1].add_metric(["declined"], s.declines_created)
+    for kind in ("error", "timeout", "conflict", "drop"):
+        families[4].add_metric([kind], s.faults[kind])
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(families))
+    return web.Response(
+        body=generate_latest(registry),
+        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    )
+
+
+class _Families(Collector):
+    def __init__(self, families: Sequence[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families

@@ -38,7 +38,7 @@ from app.sandbox.models import (
     parse_charge_body,
     problem,
 )
-from app.sandbox.reads import get_charge, healthz, list_charges, stats
+from app.sandbox.reads import get_charge, healthz, list_charges, metrics, stats
 from app.sandbox.records import (
     AlreadyCharged,
     Charge,
@@ -271,6 +271,7 @@ def create_sandbox_app(settings: SandboxSettings) -> web.Application:
     app.router.add_get("/v1/charges/{id}", get_charge)
     app.router.add_get("/v1/stats", stats)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
     return app
 
 

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -54,6 +55,9 @@ class LocalStack:
         self.etcd = EtcdCluster(size=self.etcd_members, base_dir=self.dir / "etcd")
         self.provider = ProviderProcess(self.dir / "provider", dict(self.provider_settings))
         self.nodes: list[ReplicaProcess] = []
+        # Fresh keys per stack: nothing secret is baked into the code or the demo.
+        self.api_key = f"pd_{secrets.token_urlsafe(18)}"
+        self.admin_api_key = f"pd_admin_{secrets.token_urlsafe(18)}"
         self.haproxy: HaproxyProcess | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -78,6 +82,8 @@ class LocalStack:
             "PAYDISPATCH_PROVIDER_URL": self.provider.url,
             "PAYDISPATCH_CLUSTER_NAME": f"local-{uuid.uuid4().hex[:8]}",
             "PAYDISPATCH_TEST_HOOKS": "false",
+            "PAYDISPATCH_API_KEYS": self.api_key,
+            "PAYDISPATCH_ADMIN_API_KEYS": self.admin_api_key,
             **self.replica_env,
         }
 
@@ -208,7 +214,7 @@ class LocalStack:
     def observed_leader(self) -> dict[str, Any] | None:
         """GET /v1/leader from the first replica that answers."""
         for node in self.nodes:
-            status, body = http_json(f"{node.url}/v1/leader", timeout=0.5)
+            status, body = http_json(f"{node.url}/v1/leader", timeout=0.5, api_key=self.api_key)
             if status == 200:
                 return dict(body)
         return None

@@ -19,9 +19,12 @@ from app.stack import StackError
 from app.stack.ports import free_port
 
 
-def http_json(url: str, timeout: float = 1.0, *, method: str = "GET") -> tuple[int, Any]:
+def http_json(
+    url: str, timeout: float = 1.0, *, method: str = "GET", api_key: str | None = None
+) -> tuple[int, Any]:
     """``method`` ``url`` → (status, decoded JSON or None); (0, None) when nothing answers."""
-    request = urllib.request.Request(url, method=method)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    request = urllib.request.Request(url, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read() or b"null")
@@ -47,6 +50,12 @@ class ReplicaProcess:
     def url(self) -> str:
         """Base URL of this replica's API."""
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api_key(self) -> str | None:
+        """The first key this replica accepts (from its environment), for our own probes."""
+        keys = self.env.get("PAYDISPATCH_ADMIN_API_KEYS") or self.env.get("PAYDISPATCH_API_KEYS")
+        return keys.split(",")[0].strip() if keys else None
 
     @property
     def log_path(self) -> Path:
@@ -104,7 +113,7 @@ class ReplicaProcess:
 
     def node(self, timeout: float = 1.0) -> dict[str, Any] | None:
         """GET /v1/node, or None when the replica does not answer."""
-        status, body = http_json(f"{self.url}/v1/node", timeout=timeout)
+        status, body = http_json(f"{self.url}/v1/node", timeout=timeout, api_key=self.api_key)
         return body if status == 200 else None
 
     def signal(self, sig: signal.Signals) -> None:
