@@ -157,14 +157,16 @@ def compare(
 
 
 async def wait_until_settled(database_url: str, timeout: float, interval: float = 0.2) -> bool:
-    """Poll until no payment is pending or in flight (or ``timeout`` passes)."""
+    """Poll until every payment is terminal (or ``timeout`` passes): nothing pending, in
+    flight or waiting for reconciliation."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             conn = await asyncpg.connect(database_url, timeout=2)
             try:
                 open_count = await conn.fetchval(
-                    "SELECT count(*) FROM payments WHERE status IN ('pending', 'in_flight')"
+                    "SELECT count(*) FROM payments"
+                    " WHERE status NOT IN ('succeeded', 'declined', 'failed')"
                 )
             finally:
                 await conn.close()

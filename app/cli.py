@@ -155,5 +155,142 @@ def demo(duration: float, replicas: int, rate: float, faults: str, output: str) 
     sys.exit(0 if ok else 1)
 
 
+# --- operator commands --------------------------------------------------------------------
+
+_url = click.option(
+    "--url",
+    envvar="PAYDISPATCH_URL",
+    default="http://127.0.0.1:8080",
+    show_default=True,
+    help="A replica or the load balancer.",
+)
+_key = click.option("--api-key", envvar="PAYDISPATCH_API_KEY", help="Bearer key for /v1/*.")
+_admin = click.option(
+    "--admin-key",
+    envvar="PAYDISPATCH_ADMIN_API_KEY",
+    help="Admin bearer key for retry, reconcile, resign.",
+)
+_json = click.option("--json", "as_json", is_flag=True, help="Raw JSON output for scripts.")
+
+
+@main.command()
+@_url
+@_key
+@_json
+def status(url: str, api_key: str | None, as_json: bool) -> None:
+    """Cluster view: leader, token, replicas, queue depth."""
+    from app import operator
+
+    operator.emit(
+        operator.call("GET", f"{url}/v1/cluster", api_key), as_json, operator.render_status
+    )
+
+
+@main.group()
+def payments() -> None:
+    """List, show, retry and reconcile payments."""
+
+
+@payments.command("list")
+@_url
+@_key
+@_json
+@click.option("--status", "status_filter", help="Only this status.")
+@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--after", type=int, default=0, help="Keyset cursor (next_after).")
+def payments_list(
+    url: str, api_key: str | None, as_json: bool, status_filter: str | None, limit: int, after: int
+) -> None:
+    """Payments in id order."""
+    from urllib.parse import urlencode
+
+    from app import operator
+
+    query = {"limit": limit, "after": after} | ({"status": status_filter} if status_filter else {})
+    operator.emit(
+        operator.call("GET", f"{url}/v1/payments?{urlencode(query)}", api_key),
+        as_json,
+        operator.render_payments,
+    )
+
+
+@payments.command("show")
+@click.argument("payment_id", type=int)
+@_url
+@_key
+@_json
+def payments_show(payment_id: int, url: str, api_key: str | None, as_json: bool) -> None:
+    """One payment."""
+    from app import operator
+
+    operator.emit(
+        operator.call("GET", f"{url}/v1/payments/{payment_id}", api_key),
+        as_json,
+        operator.render_payment,
+    )
+
+
+@payments.command("retry")
+@click.argument("payment_id", type=int)
+@_url
+@_admin
+@_json
+def payments_retry(payment_id: int, url: str, admin_key: str | None, as_json: bool) -> None:
+    """Re-queue a pending or needs_reconciliation payment (same idempotency key)."""
+    from app import operator
+
+    result = operator.call("POST", f"{url}/v1/admin/payments/{payment_id}/retry", admin_key)
+    operator.emit(
+        result,
+        as_json,
+        lambda r: click.echo(
+            f"payment {r['id']} re-queued (was {r['previous']}); it is re-sent with its own key"
+        ),
+    )
+
+
+@payments.command("reconcile")
+@click.argument("payment_id", type=int)
+@_url
+@_admin
+@_json
+def payments_reconcile(payment_id: int, url: str, admin_key: str | None, as_json: bool) -> None:
+    """Settle a needs_reconciliation payment from the provider's ledger."""
+    from app import operator
+
+    result = operator.call("POST", f"{url}/v1/admin/payments/{payment_id}/reconcile", admin_key)
+    operator.emit(
+        result,
+        as_json,
+        lambda r: click.echo(
+            f"payment {r['id']} is {r['status']} (charge {r['provider_charge_id']})"
+        ),
+    )
+
+
+@main.group()
+def leader() -> None:
+    """Leadership actions."""
+
+
+@leader.command("resign")
+@_url
+@_key
+@_admin
+@_json
+def leader_resign(url: str, api_key: str | None, admin_key: str | None, as_json: bool) -> None:
+    """Ask the leader to hand over now (graceful, like SIGTERM, but it stays a follower)."""
+    from app import operator
+
+    def render(r: dict[str, Any]) -> None:
+        new = r.get("new_leader")
+        click.echo(
+            f"{r['node_id']} handed over token {r['handed_over_token']}; new leader: "
+            + (f"{new['node_id']} (token {new['token']})" if new else "not yet known")
+        )
+
+    operator.emit(operator.resign_leader(url, api_key, admin_key or api_key), as_json, render)
+
+
 if __name__ == "__main__":
     main()

@@ -44,8 +44,6 @@ from app.states import PaymentStatus
 
 log = logging.getLogger(__name__)
 
-RECONCILE_EVERY = 5.0  # seconds between reconciliation sweeps
-
 
 @dataclass
 class DispatchStats:
@@ -428,7 +426,7 @@ class Dispatcher:
 
     async def _reconcile_loop(self) -> None:
         while True:
-            await asyncio.sleep(RECONCILE_EVERY)
+            await asyncio.sleep(self.settings.reconcile_interval)
             await self._reconcile_once()
 
     async def _reconcile_once(self) -> None:

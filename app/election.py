@@ -125,7 +125,8 @@ class Elector:
         self.watchdog = watchdog
         self.leadership: Leadership | None = None
         self.stats = ElectionStats()
-        self._resigning = asyncio.Event()
+        self._resigning = asyncio.Event()  # for good: SIGTERM/SIGINT
+        self._term_end = asyncio.Event()  # this term ends gracefully: resign or handover
         self._work_task: asyncio.Task[None] | None = None
         self._started_at = datetime.now(UTC).isoformat()
 
@@ -154,6 +155,7 @@ class Elector:
                 )
             if self._resigning.is_set():
                 break
+            self._term_end.clear()
             # Jitter so that replicas that lost together do not campaign in lockstep.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(random.uniform(0.05, 0.25)):
@@ -197,7 +199,7 @@ class Elector:
             token = kv.create_revision
             log.info("node %s campaigning (candidate revision %s)", settings.node_id, token)
             await self._race(lost, lost_reason, self._wait_for_predecessors(token))
-            if self._resigning.is_set():
+            if self._term_end.is_set():
                 return
 
             leadership = Leadership(
@@ -236,7 +238,7 @@ class Elector:
         self._work_task = asyncio.create_task(self.work(leadership), name="leader-work")
         try:
             await self._race(lost, lost_reason, self._watch_deadline(leadership), self._work_task)
-            if not self._resigning.is_set():
+            if not self._term_end.is_set():
                 raise LeadershipLost("the leader's work ended by itself")
         except (LeadershipLost, StaleLeader, EtcdUnavailable, TimeoutError) as exc:
             reason = (
@@ -272,7 +274,7 @@ class Elector:
         _stop_work, which stops it gracefully or not."""
         tasks: list[asyncio.Future[Any]] = [asyncio.ensure_future(aw) for aw in aws]
         lost_task = asyncio.ensure_future(lost.wait())
-        resign_task = asyncio.ensure_future(self._resigning.wait())
+        resign_task = asyncio.ensure_future(self._term_end.wait())
         try:
             done, _ = await asyncio.wait(
                 [*tasks, lost_task, resign_task], return_when=asyncio.FIRST_COMPLETED
@@ -301,7 +303,7 @@ class Elector:
         self.leadership = None
         if task is None:
             return
-        if self._resigning.is_set() and not task.done():
+        if self._term_end.is_set() and not task.done():
             leadership.stopping.set()
             grace = min(self.settings.shutdown_grace, max(0.0, leadership.remaining()))
             with contextlib.suppress(Exception, asyncio.CancelledError):
@@ -342,9 +344,24 @@ class Elector:
             return
         token = self.leadership.token if self.leadership else None
         self._resigning.set()
+        self._term_end.set()
         if token is not None:
             self.stats.count("resigned")
             log.info("node %s resigning leadership (token %s)", self.settings.node_id, token)
+
+    def handover(self) -> int | None:
+        """End this term gracefully (as on SIGTERM) but stay in the running: a follower takes
+        over at once and this replica campaigns again behind it. Returns the token handed
+        over, or None when this replica does not lead."""
+        leadership = self.leadership
+        if leadership is None or self._term_end.is_set():
+            return None
+        self.stats.count("handover")
+        log.info(
+            "node %s handing leadership over (token %s)", self.settings.node_id, leadership.token
+        )
+        self._term_end.set()
+        return leadership.token
 
 
 class LeaderObserver:

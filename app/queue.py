@@ -248,3 +248,37 @@ RECONCILE = text(
 )
 
 COUNT_BY_STATUS = text("SELECT status, count(*) FROM payments GROUP BY status")
+
+
+# --- operator actions (admin API): stamped with the fence's current token --------------------
+# An operator is not a leader, but the fence trigger wants every update to say which term it
+# belongs to; the current fence token is the honest answer (the action happens "now").
+
+ADMIN_RETRY = text(
+    """
+    UPDATE payments
+    SET status = 'pending', next_attempt_at = now(), updated_at = now(),
+        last_error = 'retry requested by an operator',
+        fence_token = (SELECT token FROM leader_fence WHERE name = :fence)
+    WHERE id = :id AND status IN ('pending', 'needs_reconciliation')
+    RETURNING status
+    """
+)
+
+ADMIN_SETTLE = text(
+    """
+    UPDATE payments
+    SET status = :status, provider_charge_id = :charge_id, completed_at = now(),
+        updated_at = now(), last_error = 'settled by an operator from the provider ledger',
+        fence_token = (SELECT token FROM leader_fence WHERE name = :fence)
+    WHERE id = :id AND status = 'needs_reconciliation'
+    RETURNING status
+    """
+)
+
+AUDIT = text(
+    """
+    INSERT INTO admin_actions (actor, node_id, action, payment_id, outcome, detail)
+    VALUES (:actor, :node, :action, :payment_id, :outcome, CAST(:detail AS jsonb))
+    """
+)

@@ -271,6 +271,10 @@ def create_replica_app(settings: Settings) -> web.Application:
     app.router.add_get("/v1/leader", get_leader)
     app.router.add_get("/v1/node", get_node)
     app.router.add_get("/v1/cluster", get_cluster)
+    # Imported here: the admin handlers use this module's state keys.
+    from app.admin import add_admin_routes
+
+    add_admin_routes(app)
     if settings.test_hooks:
         app.router.add_post("/_test/block-loop", block_loop)
         app.router.add_get("/_test/tasks", dump_tasks)

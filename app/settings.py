@@ -133,6 +133,12 @@ class Settings(BaseSettings):
         description="How long the provider keeps idempotency keys; older unknown outcomes "
         "go to needs_reconciliation instead of being re-sent.",
     )
+    reconcile_interval: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds between the leader's sweeps of needs_reconciliation "
+        "payments (looked up in the provider's ledger by idempotency key).",
+    )
     shutdown_grace: float = Field(
         2.0, ge=0, description="Seconds a stopping leader waits for in-flight provider calls."
     )

@@ -58,8 +58,7 @@ def start_cluster(
         database_url,
         etcd.endpoints_csv,
         PAYDISPATCH_PROVIDER_URL=provider_url,
-        **FAST_RETRIES,
-        **extra,
+        **(FAST_RETRIES | extra),
     )
     return running_replicas(3, env, tmp_path / "replicas")
 
@@ -286,3 +285,30 @@ async def test_postgres_restart_mid_run_resumes_dispatch_and_ingest_says_503(
             await settle_and_check(url, provider.base_url, load)
     finally:
         await asyncio.to_thread(server.destroy)
+
+
+async def test_unknown_outcomes_past_the_budget_are_settled_by_ledger_lookup(
+    database_url: str, etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    """Every response is lost and only one attempt is allowed: payments park in
+    needs_reconciliation, and the leader's sweep settles them from the provider's ledger
+    (looked up by idempotency key) instead of sending them again."""
+    sandbox = await start_sandbox_process(tmp_path, drop_rate=1.0)
+    try:
+        with start_cluster(
+            database_url,
+            etcd,
+            sandbox.base_url,
+            tmp_path,
+            PAYDISPATCH_MAX_ATTEMPTS="1",
+            PAYDISPATCH_RECONCILE_INTERVAL="0.5",
+        ) as replicas:
+            load = await post_payments(
+                [r.url for r in replicas.all], 50, concurrency=16, api_key=TEST_API_KEY
+            )
+            verdict = await settle_and_check(database_url, sandbox.base_url, load)
+            leader = replicas.wait_leader()
+        assert verdict.charged == 50
+        assert leader["dispatch"]["reconciled"] + leader["dispatch"]["succeeded"] >= 50
+    finally:
+        await stop_sandbox_process(sandbox.process)
