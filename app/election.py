@@ -313,12 +313,15 @@ class Elector:
             await task
 
     async def _end_session(self, keepalive: KeepAlive, lease_id: int) -> None:
-        """Stop the keep-alive and revoke the lease: our key goes, a follower proceeds now."""
-        await keepalive.stop()
+        """Revoke the lease — our key goes and a follower proceeds now — then stop the
+        keep-alive thread (closing its channel can take a moment; the handover must not
+        wait for it)."""
         try:
             await self.client.revoke_lease(lease_id, timeout=self.settings.etcd_timeout)
         except (EtcdUnavailable, TimeoutError) as exc:
             log.warning("could not revoke lease %x (it will expire): %s", lease_id, exc)
+        finally:
+            await keepalive.stop()
 
     async def _wait_for_predecessors(self, my_revision: int) -> None:
         """Block until no candidate key older than ours remains (etcd's waitDeletes)."""
