@@ -183,7 +183,7 @@ def _int_param(
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
-    engine = create_engine(app[SETTINGS])
+    engine = create_engine(app[SETTINGS], autocommit=True)
     app[ENGINE] = engine
     yield
     await engine.dispose()

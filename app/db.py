@@ -27,7 +27,11 @@ class IntegrityViolation(PaydispatchError):
 
 
 def create_engine(
-    settings: Settings, *, pool_size: int | None = None, leader: bool = False
+    settings: Settings,
+    *,
+    pool_size: int | None = None,
+    leader: bool = False,
+    autocommit: bool = False,
 ) -> AsyncEngine:
     """An async engine on asyncpg for ``settings.database_url`` with bounded waits.
 
@@ -36,6 +40,9 @@ def create_engine(
     leader's fence raise would wait on it for as long as the freeze lasts. Postgres ends
     such a session after ``idle_in_transaction_session_timeout``, releasing the lock well
     within one lease TTL; leader transactions last milliseconds, so nothing healthy trips it.
+
+    ``autocommit=True`` suits the API, whose statements each stand alone: no BEGIN/COMMIT
+    round trips around every insert and read (the ingest insert is atomic by itself).
     """
     server_settings = {"application_name": f"paydispatch:{settings.node_id}"[:63]}
     if leader:
@@ -44,6 +51,7 @@ def create_engine(
         server_settings["statement_timeout"] = str(int(settings.db_timeout * 1000))
     return create_async_engine(
         settings.sqlalchemy_url,
+        **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
         pool_size=pool_size or settings.db_pool_size,
         max_overflow=0,
         pool_timeout=settings.db_timeout,

@@ -112,9 +112,9 @@ class Settings(BaseSettings):
     )
 
     # --- dispatcher ---------------------------------------------------------------------
-    dispatch_batch_size: int = Field(64, ge=1, le=1000, description="Payments claimed at once.")
+    dispatch_batch_size: int = Field(128, ge=1, le=1000, description="Payments claimed at once.")
     dispatch_concurrency: int = Field(
-        64, ge=1, le=1000, description="Provider calls in flight at once."
+        256, ge=1, le=1000, description="Provider calls in flight at once."
     )
     dispatch_poll_interval: float = Field(
         0.5, gt=0, description="Seconds between queue polls when no NOTIFY arrives."
