@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from app.chart import timeline_html
-from app.scenario import Failover, Sample, ScenarioResult, Target, run_scenario
+from app.scenario import Failover, Sample, ScenarioResult, run_scenario
 from app.stack.local import LocalStack
 
 
@@ -135,16 +135,8 @@ async def run_demo(
             f"stack up in {time.monotonic() - started:.1f}s; {rate:.0f} payments/s for "
             f"{duration:.0f}s, faults: {', '.join(faults) or 'none'}"
         )
-        target = Target(
-            ingress=stack.ingress,
-            database_url=stack.database_url,
-            provider_url=stack.provider.url,
-            node_urls=[n.url for n in stack.nodes],
-            inject=stack.inject,
-            api_key=stack.api_key,
-        )
         result = await run_scenario(
-            target, rate=rate, duration=duration, faults=faults, on_sample=Progress(out)
+            stack.target(), rate=rate, duration=duration, faults=faults, on_sample=Progress(out)
         )
     finally:
         say("stopping the stack")

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.errors import ConfigurationError
@@ -198,20 +198,25 @@ def _with_scheme(url: str, scheme: str) -> str:
     return urlunsplit((scheme, *parts[1:]))
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Build settings from the environment, with non-None ``overrides`` (CLI flags) on top.
+S = TypeVar("S", bound=BaseSettings)
 
-    Raises ConfigurationError with every invalid field named.
+
+def build_settings(cls: type[S], prefix: str, what: str, overrides: dict[str, Any]) -> S:
+    """``cls`` from the environment with non-None ``overrides`` (CLI flags) on top.
+
+    Raises ConfigurationError naming every invalid variable and what is wrong with it.
     """
-    from pydantic import ValidationError
-
     given = {key: value for key, value in overrides.items() if value is not None}
     try:
-        return Settings(**given)
+        return cls(**given)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{ENV_PREFIX}{'.'.join(str(p) for p in err['loc']).upper() or 'SETTINGS'}: "
-            f"{err['msg']}"
+            f"{prefix}{'.'.join(str(p) for p in err['loc']).upper() or 'SETTINGS'}: {err['msg']}"
             for err in exc.errors()
         )
-        raise ConfigurationError(f"invalid configuration: {problems}") from exc
+        raise ConfigurationError(f"invalid {what}: {problems}") from exc
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Replica settings from the environment, with non-None ``overrides`` on top."""
+    return build_settings(Settings, ENV_PREFIX, "configuration", overrides)

@@ -86,6 +86,17 @@ def print_report(result: ScenarioResult, args: argparse.Namespace) -> None:
     )
 
 
+async def _run(target: Target, args: argparse.Namespace, faults: list[str]) -> ScenarioResult:
+    return await run_scenario(
+        target,
+        rate=args.rate,
+        duration=args.duration,
+        faults=faults,
+        settle_timeout=args.settle_timeout,
+        on_sample=Progress(sys.stdout),
+    )
+
+
 async def run_remote(args: argparse.Namespace, faults: list[str]) -> ScenarioResult:
     if not (args.database_url and args.provider_url):
         raise SystemExit("--target needs --database-url and --provider-url for the checker")
@@ -109,14 +120,7 @@ async def run_remote(args: argparse.Namespace, faults: list[str]) -> ScenarioRes
         inject=inject if args.fault_command else None,
         api_key=args.api_key,
     )
-    return await run_scenario(
-        target,
-        rate=args.rate,
-        duration=args.duration,
-        faults=faults,
-        settle_timeout=args.settle_timeout,
-        on_sample=Progress(sys.stdout),
-    )
+    return await _run(target, args, faults)
 
 
 async def run_local(args: argparse.Namespace, faults: list[str]) -> ScenarioResult:
@@ -129,22 +133,7 @@ async def run_local(args: argparse.Namespace, faults: list[str]) -> ScenarioResu
     )
     await asyncio.to_thread(stack.start)
     try:
-        target = Target(
-            ingress=stack.ingress,
-            database_url=stack.database_url,
-            provider_url=stack.provider.url,
-            node_urls=[n.url for n in stack.nodes],
-            inject=stack.inject,
-            api_key=stack.api_key,
-        )
-        return await run_scenario(
-            target,
-            rate=args.rate,
-            duration=args.duration,
-            faults=faults,
-            settle_timeout=args.settle_timeout,
-            on_sample=Progress(sys.stdout),
-        )
+        return await _run(stack.target(), args, faults)
     finally:
         await asyncio.to_thread(stack.stop)
 

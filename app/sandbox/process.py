@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from typing import NamedTuple
 import aiohttp
 
 from app.sandbox.settings import ENV_PREFIX
+from app.stack.ports import free_port
 
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 _ADDRESS_IN_USE = "address already in use"
@@ -30,14 +30,6 @@ class SandboxProcess(NamedTuple):
 
     process: asyncio.subprocess.Process
     base_url: str
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (the child binds it; a rare race is retried)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def sandbox_env(settings: Mapping[str, object]) -> dict[str, str]:

@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from app.errors import ConfigurationError
+from app.settings import build_settings
 
 ENV_PREFIX = "PAYDISPATCH_PROVIDER_"
 
@@ -127,13 +127,4 @@ def load_sandbox_settings(**overrides: Any) -> SandboxSettings:
 
     Raises ConfigurationError naming every invalid field.
     """
-    given = {key: value for key, value in overrides.items() if value is not None}
-    try:
-        return SandboxSettings(**given)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{ENV_PREFIX}{'.'.join(str(p) for p in err['loc']).upper() or 'SETTINGS'}: "
-            f"{err['msg']}"
-            for err in exc.errors()
-        )
-        raise ConfigurationError(f"invalid provider configuration: {problems}") from exc
+    return build_settings(SandboxSettings, ENV_PREFIX, "provider configuration", overrides)

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.stack import StackError
 from app.stack.etcd import EtcdCluster
@@ -30,6 +30,9 @@ from app.stack.haproxy import HaproxyProcess, haproxy_binary
 from app.stack.postgres import PostgresServer
 from app.stack.provider import ProviderProcess
 from app.stack.replica import ReplicaProcess, http_json
+
+if TYPE_CHECKING:  # the scenario runner imports the stack, not the other way round
+    from app.scenario import Target
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +290,19 @@ class LocalStack:
             self.provider.restart()
         else:
             raise ValueError(f"unknown fault {fault!r}")
+
+    def target(self) -> Target:
+        """This stack as a scenario target (load through the ingress, faults by inject())."""
+        from app.scenario import Target
+
+        return Target(
+            ingress=self.ingress,
+            database_url=self.database_url,
+            provider_url=self.provider.url,
+            node_urls=[node.url for node in self.nodes],
+            inject=self.inject,
+            api_key=self.api_key,
+        )
 
     def stale_writes_rejected(self) -> int:
         """Sum of fence rejections reported by the replicas that answer."""
