@@ -16,6 +16,7 @@ from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from app.api import ENGINE, METRICS, METRICS_REFRESH, SETTINGS, create_app, json_response
+from app.dashboard import add_dashboard
 from app.db import create_engine
 from app.dispatcher import Dispatcher, DispatchStats
 from app.election import Elector, LeaderObserver, Leadership
@@ -271,6 +272,7 @@ def create_replica_app(settings: Settings) -> web.Application:
     app.router.add_get("/v1/leader", get_leader)
     app.router.add_get("/v1/node", get_node)
     app.router.add_get("/v1/cluster", get_cluster)
+    add_dashboard(app)
     # Imported here: the admin handlers use this module's state keys.
     from app.admin import add_admin_routes
 
