@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast chaos lint fmt typecheck clean
+.PHONY: demo test test-fast chaos lint fmt typecheck clean validate-deploy kill-leader
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,3 +42,15 @@ fmt: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+## validate-deploy: docker-compose.yml (Compose's own parser), Dockerfile (hadolint), haproxy -c
+validate-deploy: $(STAMP)
+	PYTHON=$(BIN)/python .ci/validate-deploy
+
+## kill-leader: SIGKILL the leader's container of the docker compose deployment
+kill-leader:
+	@node=$$(curl -fsS -H "Authorization: Bearer $${PAYDISPATCH_API_KEY:-demo-api-key-not-a-secret}" \
+		http://127.0.0.1:8080/v1/leader | python3 -c 'import json, sys; print(json.load(sys.stdin)["node_id"])'); \
+	case "$$node" in replica-[0-9]*) ;; *) echo "unexpected leader '$$node'" >&2; exit 1;; esac; \
+	echo "killing the leader's container: $$node"; \
+	docker compose kill -s SIGKILL "$$node"

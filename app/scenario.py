@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,9 @@ class Target:
     node_urls: Sequence[str] = ()  # replicas' own URLs, for /v1/leader and /v1/node
     inject: Callable[[str], None] | None = None  # applies a fault by name (blocking)
     api_key: str | None = None  # bearer token for /v1/*
+    # Only for one's own deployment reached over its own network (the compose `load`
+    # service); tests, the demo and CI always stay on loopback.
+    allow_remote: bool = False
 
 
 @dataclass
@@ -67,6 +71,8 @@ class ScenarioResult:
     samples: list[Sample] = field(default_factory=list)
     failovers: list[Failover] = field(default_factory=list)
     charged_per_second: list[tuple[int, int]] = field(default_factory=list)
+    # Between consecutive leaders: last charge by the old token → first by the new one.
+    token_changes: list[dict[str, float | int]] = field(default_factory=list)
     stale_writes_rejected: int = 0
     throughput_per_s: float = 0.0
     duration_s: float = 0.0
@@ -102,6 +108,7 @@ class ScenarioResult:
                 }
                 for f in self.failovers
             ],
+            "token_changes": self.token_changes,
             "duration_s": round(self.duration_s, 1),
             "examples": verdict.examples,
         }
@@ -195,6 +202,7 @@ async def run_scenario(
             concurrency=concurrency,
             deadline_s=duration + settle_timeout,
             api_key=target.api_key,
+            allow_remote=target.allow_remote,
         )
     )
 
@@ -272,6 +280,13 @@ async def run_scenario(
             "SELECT floor(extract(epoch FROM completed_at))::bigint AS s, count(*) AS n"
             " FROM payments WHERE status IN ('succeeded', 'declined') GROUP BY s ORDER BY s"
         )
+        per_token = await conn.fetch(
+            "SELECT fence_token AS token,"
+            " extract(epoch FROM min(completed_at))::float8 AS first,"
+            " extract(epoch FROM max(completed_at))::float8 AS last"
+            " FROM payments WHERE status IN ('succeeded', 'declined')"
+            " GROUP BY fence_token ORDER BY fence_token"
+        )
         span = await conn.fetchrow(
             "SELECT extract(epoch FROM min(created_at))::float8 AS first,"
             " extract(epoch FROM max(completed_at))::float8 AS last, count(*) AS n"
@@ -279,6 +294,14 @@ async def run_scenario(
         )
     finally:
         await conn.close()
+    result.token_changes = [
+        {
+            "from_token": int(old["token"]),
+            "to_token": int(new["token"]),
+            "gap_seconds": round(float(new["first"]) - float(old["last"]), 3),
+        }
+        for old, new in itertools.pairwise(per_token)
+    ]
     if rows:
         first_second = int(rows[0]["s"])
         result.charged_per_second = [(int(r["s"]) - first_second, int(r["n"])) for r in rows]

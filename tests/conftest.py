@@ -29,11 +29,19 @@ TEMPLATE_DB = "paydispatch_template"
 TEST_API_KEY = "test-api-key"
 
 
+def postgres_dir() -> Path:
+    """A fresh directory for a PostgreSQL cluster directly under the system temp dir.
+
+    Not under pytest's tmp_path: pytest re-chmods its ``pytest-of-<user>`` root to 0700 when
+    any pytest starts, which would lock the unprivileged server user out mid-run.
+    """
+    return Path(tempfile.mkdtemp(prefix="paydispatch-test-pg-"))
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:
     """A real PostgreSQL server for the whole session, torn down (and deleted) at the end."""
-    base = Path(tempfile.mkdtemp(prefix="paydispatch-test-pg-"))
-    server = PostgresServer(base_dir=base)
+    server = PostgresServer(base_dir=postgres_dir())
     server.start()
     try:
         yield server

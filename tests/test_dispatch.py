@@ -25,6 +25,7 @@ from app.stack.etcd import EtcdCluster
 from app.stack.postgres import PostgresServer
 from app.stack.replica import http_json
 from tests.cluster import TEST_API_KEY, Replicas, cluster_env, running_replicas
+from tests.conftest import postgres_dir
 
 pytestmark = pytest.mark.chaos
 
@@ -258,7 +259,7 @@ async def test_postgres_restart_mid_run_resumes_dispatch_and_ingest_says_503(
     from app.migrate import migrate
     from app.settings import load_settings
 
-    server = PostgresServer(base_dir=tmp_path / "pg")
+    server = PostgresServer(base_dir=postgres_dir())
     await asyncio.to_thread(server.start)
     try:
         url = server.url("postgres")

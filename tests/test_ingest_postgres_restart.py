@@ -6,7 +6,6 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import asyncpg
@@ -18,12 +17,13 @@ from app.migrate import migrate
 from app.settings import load_settings
 from app.stack.ports import free_port
 from app.stack.postgres import PostgresServer
+from tests.conftest import postgres_dir
 
 
 @pytest.fixture
-async def own_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PostgresServer]:
+async def own_server() -> AsyncIterator[PostgresServer]:
     """A Postgres of this test's own: restarting the shared one would disturb other tests."""
-    server = PostgresServer(base_dir=Path(tmp_path_factory.mktemp("pg-restart")))
+    server = PostgresServer(base_dir=postgres_dir())
     await asyncio.to_thread(server.start)
     try:
         yield server

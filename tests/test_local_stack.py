@@ -16,8 +16,9 @@ from load.scenarios import SCENARIOS
 pytestmark = pytest.mark.chaos
 
 
-def test_the_stack_comes_up_whole_and_leaves_no_process_behind(tmp_path: Path) -> None:
-    stack = LocalStack(replicas=3, base_dir=tmp_path / "stack")
+def test_the_stack_comes_up_whole_and_leaves_no_process_behind() -> None:
+    # Its own temp dir under /tmp (not tmp_path: see tests.conftest.postgres_dir).
+    stack = LocalStack(replicas=3)
     stack.start()
     try:
         pids = stack.all_pids()

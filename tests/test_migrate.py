@@ -55,7 +55,7 @@ async def test_five_concurrent_migrate_processes_all_succeed_and_migrate_once(
         await admin_execute(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-async def test_migrate_reports_an_unreachable_database_clearly(tmp_path: object) -> None:
+async def test_migrate_reports_an_unreachable_database_clearly() -> None:
     env = {**os.environ, "PAYDISPATCH_DATABASE_URL": "postgresql://postgres@127.0.0.1:1/x"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

