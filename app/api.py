@@ -17,6 +17,7 @@ from app.auth import auth_middleware
 from app.db import create_engine
 from app.errors import ConfigurationError
 from app.metrics import CONTENT_TYPE, Metrics, http_metrics_middleware
+from app.openapi import openapi_document
 from app.problems import problem, problem_middleware
 from app.settings import Settings
 from app.states import PaymentStatus
@@ -221,4 +222,5 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/openapi.json", openapi_document)
     return app

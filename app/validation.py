@@ -57,12 +57,22 @@ class PaymentRequest(BaseModel):
             raise ValueError(f"{value!r} is not an ISO 4217 currency code")
         return value
 
+    @field_validator("reference", "description")
+    @classmethod
+    def _no_nul(cls, value: str | None) -> str | None:
+        # Postgres text cannot hold U+0000; say so instead of failing at the INSERT.
+        if value is not None and "\x00" in value:
+            raise ValueError("must not contain the NUL character (U+0000)")
+        return value
+
     @field_validator("metadata")
     @classmethod
     def _bounded_metadata(cls, value: dict[str, str]) -> dict[str, str]:
         if len(value) > METADATA_MAX_KEYS:
             raise ValueError(f"at most {METADATA_MAX_KEYS} keys")
         for key, item in value.items():
+            if "\x00" in key or "\x00" in item:
+                raise ValueError("keys and values must not contain the NUL character (U+0000)")
             if not 1 <= len(key) <= METADATA_KEY_MAX:
                 raise ValueError(f"keys must be 1-{METADATA_KEY_MAX} characters")
             if len(item) > METADATA_VALUE_MAX:
