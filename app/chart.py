@@ -21,7 +21,8 @@ def timeline_html(
     summary: dict[str, object],
 ) -> str:
     """Render the chart and a summary table."""
-    span = max([s for s, _ in charged_per_second] + [s.t for s in samples] + [1.0])
+    # +1: the last per-second bar is one second wide and must stay inside the plot.
+    span = max([s + 1 for s, _ in charged_per_second] + [s.t for s in samples] + [1.0])
     peak = max([n for _, n in charged_per_second] + [1])
     tokens = [s.token for s in samples if s.token is not None]
     low, high = (min(tokens), max(tokens)) if tokens else (0, 1)

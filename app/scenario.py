@@ -190,6 +190,7 @@ async def run_scenario(
         raise ValueError("this target cannot inject faults (no injector configured)")
     count = max(1, int(rate * duration))
     started = time.monotonic()
+    wall_started = time.time()  # the chart puts charges and faults on one time axis
     samples: list[Sample] = []
     failovers: list[Failover] = []
     done = asyncio.Event()
@@ -302,9 +303,7 @@ async def run_scenario(
         }
         for old, new in itertools.pairwise(per_token)
     ]
-    if rows:
-        first_second = int(rows[0]["s"])
-        result.charged_per_second = [(int(r["s"]) - first_second, int(r["n"])) for r in rows]
+    result.charged_per_second = [(int(r["s"]) - int(wall_started), int(r["n"])) for r in rows]
     if span["n"] and span["last"] and span["first"] and span["last"] > span["first"]:
         result.throughput_per_s = int(span["n"]) / (span["last"] - span["first"])
     return result
