@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from app.stack import StackError
-from app.stack.ports import free_port
+from app.stack.child import ChildProcess
 from app.stack.replica import http_json
 
 CONFIG = """\
@@ -43,18 +41,21 @@ def haproxy_binary() -> str | None:
 
 
 @dataclass
-class HaproxyProcess:
+class HaproxyProcess(ChildProcess):
     """Round-robin over the replicas, health-checked on /readyz."""
 
     base_dir: Path
     backends: list[tuple[str, int]]  # (name, port)
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
 
     @property
-    def url(self) -> str:
-        """The load balancer's URL."""
-        return f"http://127.0.0.1:{self.port}"
+    def name(self) -> str:
+        """For messages."""
+        return "haproxy"
+
+    @property
+    def log_path(self) -> Path:
+        """haproxy's own output (-db keeps it in the foreground)."""
+        return self.base_dir / "haproxy.log"
 
     @property
     def config_path(self) -> Path:
@@ -79,30 +80,13 @@ class HaproxyProcess:
         )
         if check.returncode != 0:
             raise StackError(f"haproxy rejected its config: {check.stderr.strip()}")
-        with (self.base_dir / "haproxy.log").open("ab") as log:
-            self.process = subprocess.Popen(
-                [binary, "-db", "-f", str(self.config_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise StackError(f"haproxy exited with {self.process.returncode}")
-            if http_json(f"{self.url}/readyz", timeout=0.5)[0] == 200:
-                return
-            time.sleep(0.1)
-        raise StackError(f"haproxy not serving after {timeout}s")
+        self._spawn([binary, "-db", "-f", str(self.config_path)])
+        self._wait_until(
+            lambda: http_json(f"{self.url}/readyz", timeout=0.5)[0] == 200,
+            timeout,
+            "a healthy backend",
+        )
 
     def stop(self) -> None:
         """Stop (SIGTERM: immediate; connections are client-retried)."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
+        self.terminate(5)

@@ -183,8 +183,8 @@ class LocalStack:
         pids = [node.pid for node in self.nodes]
         pids += [self.provider.pid, self.postgres.pid]
         pids += [member.pid for member in self.etcd.members]
-        if self.haproxy is not None and self.haproxy.process is not None:
-            pids.append(self.haproxy.process.pid if self.haproxy.process.poll() is None else None)
+        if self.haproxy is not None:
+            pids.append(self.haproxy.pid)
         return [pid for pid in pids if pid is not None]
 
     def all_pids(self) -> list[int]:
