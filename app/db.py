@@ -55,9 +55,11 @@ def create_engine(
         pool_size=pool_size or settings.db_pool_size,
         max_overflow=0,
         pool_timeout=settings.db_timeout,
-        # No pre-ping: a dead pooled connection fails one statement, SQLAlchemy then
-        # invalidates the whole pool, and callers already retry (ingest answers 503).
-        pool_pre_ping=False,
+        # The API skips pre-ping: a dead pooled connection fails one statement, SQLAlchemy
+        # then invalidates the pool, and the client retries (ingest answers 503). The leader
+        # pings: its few, batched transactions must not start on a connection a Postgres
+        # restart broke, whose clean-up after a failure can stall.
+        pool_pre_ping=leader,
         connect_args={
             "timeout": settings.db_timeout,
             "command_timeout": settings.db_timeout * 2,

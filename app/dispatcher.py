@@ -167,6 +167,7 @@ class Dispatcher:
         # round trip per payment.
         low_water = max(1, min(batch_size, settings.dispatch_concurrency) // 4)
         while not self.leadership.stopping.is_set():
+            self.leadership.progress()
             for helper in helpers:
                 if helper.done():
                     helper.result()  # a recorder error (StaleLeader...) ends the term

@@ -66,6 +66,13 @@ class Leadership:
     margin: float
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     elected_at: float = field(default_factory=time.monotonic)
+    # The leader's work calls progress() every round; a term whose work stops making progress
+    # (a driver wedged in a clean-up after Postgres went away) is ended, not kept forever.
+    last_progress: float = field(default_factory=time.monotonic)
+
+    def progress(self) -> None:
+        """Record that the leader's work completed a round."""
+        self.last_progress = time.monotonic()
 
     @property
     def deadline(self) -> float:
@@ -291,9 +298,19 @@ class Elector:
             await asyncio.gather(*helpers, return_exceptions=True)
 
     async def _watch_deadline(self, leadership: Leadership) -> None:
-        """Raise LeadershipLost the moment validity runs out (also after a blocked loop)."""
+        """Raise LeadershipLost the moment validity runs out (also after a blocked loop), or
+        when the leader's work has made no progress for longer than any of its bounded calls
+        could take."""
+        settings = self.settings
+        stall_limit = 3 * settings.db_timeout + settings.provider_timeout + 2
         while True:
             leadership.ensure_valid()
+            stalled = time.monotonic() - leadership.last_progress
+            if stalled > stall_limit:
+                raise LeadershipLost(
+                    f"the leader's work made no progress for {stalled:.1f}s; stepping down so "
+                    "that a healthy replica takes over"
+                )
             await asyncio.sleep(min(0.05, max(0.001, leadership.remaining())))
 
     async def _stop_work(self, leadership: Leadership) -> None:
@@ -308,9 +325,19 @@ class Elector:
             grace = min(self.settings.shutdown_grace, max(0.0, leadership.remaining()))
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(task), grace)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        # Bounded: a task wedged in a driver's clean-up must not hold the step-down (and so
+        # the next campaign) hostage; it is cancelled again each round until it ends.
+        for _ in range(10):
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=1.0)
+            if done:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    task.result()
+                return
+        log.error(
+            "node %s: the leader's work did not stop within 10 s of being cancelled",
+            self.settings.node_id,
+        )
 
     async def _end_session(self, keepalive: KeepAlive, lease_id: int) -> None:
         """Revoke the lease — our key goes and a follower proceeds now — then stop the
