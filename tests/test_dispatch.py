@@ -24,6 +24,7 @@ from app.sandbox import SandboxProcess, start_sandbox_process, stop_sandbox_proc
 from app.stack.etcd import EtcdCluster
 from app.stack.postgres import PostgresServer
 from app.stack.replica import http_json
+from load.scenarios import FAST_RETRIES
 from tests.cluster import TEST_API_KEY, Replicas, cluster_env, running_replicas
 from tests.conftest import postgres_dir
 
@@ -31,14 +32,6 @@ pytestmark = pytest.mark.chaos
 
 TTL = 2
 DECLINED_AMOUNT = 113  # amount(i) = 100 + i % 997 → i ≡ 13 (mod 997) declines
-
-# Short timeouts and retry delays keep fault runs quick; semantics are unchanged.
-FAST_RETRIES = {
-    "PAYDISPATCH_PROVIDER_TIMEOUT": "0.5",
-    "PAYDISPATCH_RETRY_BASE_DELAY": "0.05",
-    "PAYDISPATCH_RETRY_MAX_DELAY": "0.5",
-    "PAYDISPATCH_MAX_ATTEMPTS": "200",
-}
 
 
 @pytest.fixture

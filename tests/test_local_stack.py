@@ -21,7 +21,7 @@ def test_the_stack_comes_up_whole_and_leaves_no_process_behind() -> None:
     stack = LocalStack(replicas=3)
     stack.start()
     try:
-        pids = stack.all_pids()
+        pids = stack.running_pids()
         # 3 etcd members, postgres, provider, 3 replicas, and haproxy when installed.
         assert len(pids) == 8 + (1 if stack.haproxy else 0)
         assert all(psutil.pid_exists(pid) for pid in pids)

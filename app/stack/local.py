@@ -172,13 +172,13 @@ class LocalStack:
         with contextlib.suppress(StackError):
             self.etcd.stop()
         self.postgres.stop()
-        left = self.leftover_pids()
+        left = self.running_pids()
         if left:
             raise StackError(f"processes still running after stop: {left}")
         if self._owns_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def leftover_pids(self) -> list[int]:
+    def running_pids(self) -> list[int]:
         """PIDs of this stack's processes that are still alive."""
         pids = [node.pid for node in self.nodes]
         pids += [self.provider.pid, self.postgres.pid]
@@ -186,10 +186,6 @@ class LocalStack:
         if self.haproxy is not None:
             pids.append(self.haproxy.pid)
         return [pid for pid in pids if pid is not None]
-
-    def all_pids(self) -> list[int]:
-        """Every PID the stack started that is running now (for tests and operators)."""
-        return self.leftover_pids()
 
     def __enter__(self) -> LocalStack:
         return self.start()
