@@ -931,9 +931,13 @@ async def test_a_real_replica_keeps_the_document(
     try:
         async with aiohttp.ClientSession(base_url=base_url, headers=AUTH) as http:
             # Elected (it is alone) and holding a payment the admin routes can act on.
+            # Leading (per /v1/node) and observed as leader (/v1/leader comes from the etcd
+            # watch, which can lag the election by a moment).
             for _ in range(200):
                 async with http.get("/v1/node") as resp:
-                    if (await resp.json())["is_leader"]:
+                    leading = (await resp.json())["is_leader"]
+                async with http.get("/v1/leader") as resp:
+                    if leading and resp.status == 200:
                         break
                 await asyncio.sleep(0.05)
             else:
