@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from app.errors import PaydispatchError
-from app.logs import configure_logging
+from app.obs.logs import configure_logging
 from app.settings import load_settings
 
 
@@ -44,7 +44,7 @@ def main(ctx: click.Context, log_level: str) -> None:
 @click.option("--database-url", help="Overrides PAYDISPATCH_DATABASE_URL.")
 def migrate(database_url: str | None) -> None:
     """Upgrade the database schema to head (safe when many replicas run it at once)."""
-    from app.migrate import migrate as run_migrate
+    from app.store.migrate import migrate as run_migrate
 
     try:
         settings = load_settings(database_url=database_url)
@@ -75,7 +75,7 @@ def serve(
     no_auth: bool | None,
 ) -> None:
     """Run a replica: HTTP API, leader election and (while leading) the dispatcher."""
-    from app.server import serve as run_serve
+    from app.replica import serve as run_serve
 
     try:
         settings = load_settings(
@@ -106,11 +106,11 @@ def provider(**options: Any) -> None:
 
     Every option also reads PAYDISPATCH_PROVIDER_<NAME>.
     """
-    from app.sandbox import load_sandbox_settings, run_sandbox
+    from app.sandbox import SandboxConfigError, load_sandbox_settings, run_sandbox
 
     try:
         settings = load_sandbox_settings(**options)
-    except PaydispatchError as exc:
+    except SandboxConfigError as exc:
         raise click.ClickException(str(exc)) from None
     _run(run_sandbox(settings))
 
@@ -138,8 +138,8 @@ def demo(duration: float, replicas: int, rate: float, faults: str, output: str) 
     the leader is killed with each fault kind while payments flow."""
     from pathlib import Path
 
-    from app.demo import run_demo
-    from app.scenario import ALL_FAULTS
+    from load.demo import run_demo
+    from load.scenario import ALL_FAULTS
 
     chosen = [] if faults.strip() in ("", "none") else [f.strip() for f in faults.split(",")]
     unknown = [f for f in chosen if f not in ALL_FAULTS]
@@ -179,7 +179,7 @@ _json = click.option("--json", "as_json", is_flag=True, help="Raw JSON output fo
 @_json
 def status(url: str, api_key: str | None, as_json: bool) -> None:
     """Cluster view: leader, token, replicas, queue depth."""
-    from app import operator
+    from app.ops import operator
 
     operator.emit(
         operator.call("GET", f"{url}/v1/cluster", api_key), as_json, operator.render_status
@@ -204,7 +204,7 @@ def payments_list(
     """Payments in id order."""
     from urllib.parse import urlencode
 
-    from app import operator
+    from app.ops import operator
 
     query = {"limit": limit, "after": after} | ({"status": status_filter} if status_filter else {})
     operator.emit(
@@ -221,7 +221,7 @@ def payments_list(
 @_json
 def payments_show(payment_id: int, url: str, api_key: str | None, as_json: bool) -> None:
     """One payment."""
-    from app import operator
+    from app.ops import operator
 
     operator.emit(
         operator.call("GET", f"{url}/v1/payments/{payment_id}", api_key),
@@ -237,7 +237,7 @@ def payments_show(payment_id: int, url: str, api_key: str | None, as_json: bool)
 @_json
 def payments_retry(payment_id: int, url: str, admin_key: str | None, as_json: bool) -> None:
     """Re-queue a pending or needs_reconciliation payment (same idempotency key)."""
-    from app import operator
+    from app.ops import operator
 
     result = operator.call("POST", f"{url}/v1/admin/payments/{payment_id}/retry", admin_key)
     operator.emit(
@@ -256,7 +256,7 @@ def payments_retry(payment_id: int, url: str, admin_key: str | None, as_json: bo
 @_json
 def payments_reconcile(payment_id: int, url: str, admin_key: str | None, as_json: bool) -> None:
     """Settle a needs_reconciliation payment from the provider's ledger."""
-    from app import operator
+    from app.ops import operator
 
     result = operator.call("POST", f"{url}/v1/admin/payments/{payment_id}/reconcile", admin_key)
     operator.emit(
@@ -280,7 +280,7 @@ def leader() -> None:
 @_json
 def leader_resign(url: str, api_key: str | None, admin_key: str | None, as_json: bool) -> None:
     """Ask the leader to hand over now (graceful, like SIGTERM, but it stays a follower)."""
-    from app import operator
+    from app.ops import operator
 
     def render(r: dict[str, Any]) -> None:
         new = r.get("new_leader")

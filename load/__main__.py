@@ -15,9 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app.demo import Progress, render_verdict
-from app.scenario import ALL_FAULTS, ScenarioResult, Target, observed_leader, run_scenario
 from app.stack.local import LocalStack
+from app.stack.target import Target
+from load.demo import Progress, render_verdict
+from load.scenario import ALL_FAULTS, ScenarioResult, observed_leader, run_scenario
 from load.scenarios import SCENARIOS
 
 

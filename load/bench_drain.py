@@ -20,8 +20,8 @@ from datetime import datetime
 import aiohttp
 import asyncpg
 
-from app.checker import check_exactly_once
 from app.stack.local import LocalStack
+from load.checker import check_exactly_once
 
 
 async def fill_and_drain(stack: LocalStack, count: int, timeout: float) -> dict[str, float]:

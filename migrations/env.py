@@ -1,6 +1,6 @@
 """Alembic environment (async engine on asyncpg).
 
-``paydispatch migrate`` (app.migrate) runs Alembic inside ``AsyncConnection.run_sync`` and
+``paydispatch migrate`` (app.store.migrate) runs Alembic inside ``AsyncConnection.run_sync`` and
 hands over the synchronous connection that holds the migration advisory lock; the plain
 ``alembic`` path (URL in the config) is kept for developers.
 """

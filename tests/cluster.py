@@ -10,7 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from app.stack.replica import ReplicaProcess, http_json
+from app.ops.client import http_json
+from app.stack.replica import ReplicaProcess
 
 T = TypeVar("T")
 

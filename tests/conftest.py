@@ -18,12 +18,12 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from app.api import create_app
-from app.migrate import migrate
 from app.settings import Settings, load_settings
 from app.stack.etcd import EtcdCluster
 from app.stack.ports import free_port
 from app.stack.postgres import PostgresServer
+from app.store.migrate import migrate
+from app.web.app import create_app
 
 TEMPLATE_DB = "paydispatch_template"
 TEST_API_KEY = "test-api-key"

@@ -12,10 +12,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from app.api import create_app
 from app.errors import ConfigurationError
 from app.settings import Settings, load_settings
 from app.stack.ports import free_port
+from app.web.app import create_app
 
 BODY = {"amount": 100, "currency": "EUR"}
 

@@ -26,11 +26,11 @@ from playwright.async_api import (
     expect,
 )
 
-from app.api import create_app
-from app.dashboard import CONTENT_SECURITY_POLICY, add_dashboard, load_page
-from app.sandbox import SandboxProcess, start_sandbox_process, stop_sandbox_process
 from app.settings import Settings
 from app.stack.etcd import EtcdCluster
+from app.stack.sandbox_process import SandboxProcess, start_sandbox_process, stop_sandbox_process
+from app.web.app import create_app
+from app.web.dashboard import CONTENT_SECURITY_POLICY, add_dashboard, load_page
 from tests.cluster import TEST_API_KEY, Replicas, cluster_env, running_replicas
 
 pytestmark = pytest.mark.chaos

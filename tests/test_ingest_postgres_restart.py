@@ -12,11 +12,11 @@ import asyncpg
 import pytest
 from aiohttp import web
 
-from app.api import create_app
-from app.migrate import migrate
 from app.settings import load_settings
 from app.stack.ports import free_port
 from app.stack.postgres import PostgresServer
+from app.store.migrate import migrate
+from app.web.app import create_app
 from tests.conftest import postgres_dir
 
 

@@ -17,8 +17,8 @@ from typing import Any
 import asyncpg
 import pytest
 
+from app.ops.client import http_json
 from app.stack.etcd import EtcdCluster
-from app.stack.replica import http_json
 from tests.cluster import TEST_API_KEY, Replicas, cluster_env, running_replicas, wait_for
 
 pytestmark = pytest.mark.chaos

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from app.logs import Redactor, configure_logging
+from app.obs.logs import Redactor, configure_logging
+from app.ops.client import http_json
 from app.stack.etcd import EtcdCluster
-from app.stack.replica import http_json
 from tests.cluster import TEST_API_KEY, cluster_env, running_replicas
 
 PAN_FORMS = ["4111111111111111", "4111 1111 1111 1111", "4111-1111-1111-1111"]
@@ -80,6 +80,6 @@ def test_a_replica_logs_json_lines_with_node_and_token_and_no_keys(
     assert elected
     assert str(leader["token"]) in elected[0]["event"]
     # Lines of the leader's work carry the token as a field (bound for the whole term).
-    dispatcher_lines = [line for line in lines if line["logger"] == "app.dispatcher"]
+    dispatcher_lines = [line for line in lines if line["logger"] == "app.dispatch.dispatcher"]
     assert dispatcher_lines, "the resigning leader logs what it leaves behind"
     assert all(line["token"] == leader["token"] for line in dispatcher_lines)

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.checker import wait_until_settled
-from app.loadgen import post_payments
-from app.sandbox import SandboxProcess, start_sandbox_process, stop_sandbox_process
+from app.ops.client import http_json
 from app.stack.etcd import EtcdCluster
-from app.stack.replica import http_json
+from app.stack.sandbox_process import SandboxProcess, start_sandbox_process, stop_sandbox_process
+from load.checker import wait_until_settled
+from load.loadgen import post_payments
 from tests.cluster import TEST_API_KEY, cluster_env, running_replicas
 
 pytestmark = pytest.mark.chaos

@@ -9,9 +9,9 @@ import uuid
 
 import asyncpg
 
-from app.migrate import head_revision
 from app.settings import load_settings
 from app.stack.postgres import PostgresServer
+from app.store.migrate import head_revision
 from tests.conftest import admin_execute
 
 

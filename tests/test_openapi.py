@@ -55,13 +55,14 @@ from schemathesis import Case, GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.errors import FailureGroup
 
-from app import api as api_module
-from app import openapi
+from app.domain.payment import METADATA_MAX_BYTES
 from app.replica import create_replica_app
 from app.settings import Settings, load_settings
 from app.stack.etcd import EtcdCluster
 from app.stack.ports import free_port
-from app.validation import METADATA_MAX_BYTES
+from app.web import openapi
+from app.web import payments as payment_routes
+from app.web.app import create_app
 from tests.conftest import TEST_API_KEY, RunningApi
 
 HTTP_METHODS: Final = frozenset({"get", "put", "post", "delete", "options", "head", "patch"})
@@ -195,14 +196,14 @@ def test_every_error_is_a_problem_document() -> None:
 
 def test_bounds_agree_with_the_handlers() -> None:
     # app/openapi.py cannot import app/api.py (which imports it), so it keeps copies.
-    assert openapi.LIST_LIMIT_DEFAULT == api_module.LIST_LIMIT_DEFAULT
-    assert openapi.LIST_LIMIT_MAX == api_module.LIST_LIMIT_MAX
+    assert openapi.LIST_LIMIT_DEFAULT == payment_routes.LIST_LIMIT_DEFAULT
+    assert openapi.LIST_LIMIT_MAX == payment_routes.LIST_LIMIT_MAX
     assert sorted(c.alpha_3 for c in pycountry.currencies) == openapi.ISO_4217_CODES
 
 
 async def test_document_is_served_without_auth() -> None:
     # create_app makes its engine lazily: serving /openapi.json needs no database.
-    app = api_module.create_app(offline_settings())
+    app = create_app(offline_settings())
     async with TestClient(TestServer(app)) as client:
         response = await client.get("/openapi.json")
         assert response.status == 200

@@ -15,9 +15,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from app.loadgen import post_payments
-from app.sandbox import SandboxProcess, start_sandbox_process, stop_sandbox_process
 from app.stack.etcd import EtcdCluster
+from app.stack.sandbox_process import SandboxProcess, start_sandbox_process, stop_sandbox_process
+from load.loadgen import post_payments
 from tests.cluster import (
     TEST_ADMIN_KEY,
     TEST_API_KEY,

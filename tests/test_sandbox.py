@@ -16,10 +16,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from app.errors import ConfigurationError
-from app.sandbox import (
+from app.sandbox import SandboxConfigError, load_sandbox_settings
+from app.stack.sandbox_process import (
     SandboxProcess,
-    load_sandbox_settings,
     start_sandbox_process,
     stop_sandbox_process,
 )
@@ -482,10 +481,10 @@ def test_settings_parse_lists_from_the_environment(monkeypatch: pytest.MonkeyPat
         ({"port": 70000}, "PAYDISPATCH_PROVIDER_PORT"),
     ],
 )
-def test_invalid_settings_raise_configuration_error(
+def test_invalid_settings_raise_a_config_error_naming_the_variable(
     overrides: dict[str, Any], message: str
 ) -> None:
-    with pytest.raises(ConfigurationError, match=message):
+    with pytest.raises(SandboxConfigError, match=message):
         load_sandbox_settings(**overrides)
 
 

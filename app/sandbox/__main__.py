@@ -6,9 +6,8 @@ import asyncio
 import logging
 import sys
 
-from app.errors import ConfigurationError
 from app.sandbox.server import run_sandbox
-from app.sandbox.settings import load_sandbox_settings
+from app.sandbox.settings import SandboxConfigError, load_sandbox_settings
 
 
 def main() -> int:
@@ -18,7 +17,7 @@ def main() -> int:
     )
     try:
         settings = load_sandbox_settings()
-    except ConfigurationError as exc:
+    except SandboxConfigError as exc:
         print(f"paydispatch provider: {exc}", file=sys.stderr)
         return 2
     try:

@@ -1,6 +1,6 @@
 """Settings of the stand-in payment provider, read from ``PAYDISPATCH_PROVIDER_*`` variables.
 
-Kept apart from :mod:`app.settings` on purpose: the provider is a separate process (a fake
+Kept apart from the replicas' settings on purpose: the provider is a separate process (a fake
 third party) and must never share configuration with the replicas that call it.
 """
 
@@ -9,10 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-
-from app.settings import build_settings
 
 ENV_PREFIX = "PAYDISPATCH_PROVIDER_"
 
@@ -122,9 +120,21 @@ class SandboxSettings(BaseSettings):
         return f"http://{self.host}:{self.port}"
 
 
+class SandboxConfigError(ValueError):
+    """The stand-in provider's configuration is invalid (PAYDISPATCH_PROVIDER_* or flags)."""
+
+
 def load_sandbox_settings(**overrides: Any) -> SandboxSettings:
     """Build provider settings from the environment with non-None ``overrides`` on top.
 
-    Raises ConfigurationError naming every invalid field.
+    Raises SandboxConfigError naming every invalid variable and what is wrong with it.
     """
-    return build_settings(SandboxSettings, ENV_PREFIX, "provider configuration", overrides)
+    try:
+        return SandboxSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        fields = (
+            (ENV_PREFIX + ".".join(str(part) for part in err["loc"]).upper(), err["msg"])
+            for err in exc.errors()
+        )
+        listed = "; ".join(f"{name}: {message}" for name, message in fields)
+        raise SandboxConfigError(f"invalid provider configuration: {listed}") from exc

@@ -7,9 +7,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.ops.client import http_json
 from app.stack import StackError
 from app.stack.child import ChildProcess
-from app.stack.replica import http_json
 
 CONFIG = """\
 global

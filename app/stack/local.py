@@ -22,17 +22,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from app.ops.client import http_json
 from app.stack import StackError
 from app.stack.etcd import EtcdCluster
 from app.stack.haproxy import HaproxyProcess, haproxy_binary
 from app.stack.postgres import PostgresServer
 from app.stack.provider import ProviderProcess
-from app.stack.replica import ReplicaProcess, http_json
-
-if TYPE_CHECKING:  # the scenario runner imports the stack, not the other way round
-    from app.scenario import Target
+from app.stack.replica import ReplicaProcess
+from app.stack.target import Target
 
 log = logging.getLogger(__name__)
 
@@ -289,8 +288,6 @@ class LocalStack:
 
     def target(self) -> Target:
         """This stack as a scenario target (load through the ingress, faults by inject())."""
-        from app.scenario import Target
-
         return Target(
             ingress=self.ingress,
             database_url=self.database_url,

@@ -1,4 +1,4 @@
-"""The stand-in provider as a supervised child process (sync twin of app.sandbox.process)."""
+"""The stand-in provider as a supervised child process (sync twin of app.stack.sandbox_process)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.sandbox.process import sandbox_env
+from app.ops.client import http_json
 from app.stack.child import ChildProcess
-from app.stack.replica import http_json
+from app.stack.sandbox_process import sandbox_env
 
 
 @dataclass

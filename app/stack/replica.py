@@ -2,35 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
 import sys
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.ops.client import http_json
 from app.stack.child import ChildProcess
-
-
-def http_json(
-    url: str, timeout: float = 1.0, *, method: str = "GET", api_key: str | None = None
-) -> tuple[int, Any]:
-    """``method`` ``url`` → (status, decoded JSON or None); (0, None) when nothing answers."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    request = urllib.request.Request(url, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        with contextlib.suppress(ValueError):
-            return exc.code, json.loads(exc.read() or b"null")
-        return exc.code, None
-    except (OSError, ValueError):
-        return 0, None
 
 
 @dataclass

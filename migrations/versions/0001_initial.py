@@ -12,7 +12,7 @@ after the raise.
 
 SQLSTATEs (class "PD", ours): PDF01 stale token, PDF02 leader write without a token,
 PDF03 unknown fence, PDT01 terminal state changed, PDI01 immutable request field changed,
-PDA01 attempts are append-only. app.db maps them to typed errors.
+PDA01 attempts are append-only. app.store.engine maps them to typed errors.
 """
 
 from __future__ import annotations

@@ -1,0 +1,469 @@
+"""The leader's work: drain the queue through the provider, exactly once in effect.
+
+Runs only inside a leadership term (app.leadership.elector calls ``Dispatcher.run``). Every write is
+stamped with the term's token and opens with ``paydispatch_assert_fence``, so Postgres
+refuses it once a newer leader has raised the fence — whatever this process believes.
+
+Timing rule: claiming and calling the provider are *acting as leader* and need remaining
+validity (their timeouts are cut to it). Recording the result of a call already made is not:
+it is attempted even after validity ran out, because the fence decides — it lands if no newer
+leader exists, and is rejected (and counted) if one does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from app.dispatch.provider import ProviderClient
+from app.domain.outcome import Charge
+from app.domain.payment import Claimed, Outcome
+from app.domain.retry import RetryPolicy
+from app.domain.states import PaymentStatus
+from app.errors import (
+    DatabaseUnavailable,
+    LeadershipLost,
+    RetryableProviderError,
+    StaleLeader,
+    TerminalProviderError,
+    UnknownOutcome,
+)
+from app.leadership.elector import ElectionStats, Leadership
+from app.obs.metrics import Metrics
+from app.settings import Settings
+from app.store import payments as queue
+from app.store.engine import translate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DispatchStats:
+    """Counters shown by GET /v1/node (and, later, exported as metrics)."""
+
+    claimed: int = 0
+    succeeded: int = 0
+    declined: int = 0
+    failed: int = 0
+    retries: int = 0
+    needs_reconciliation: int = 0
+    reconciled: int = 0
+    recovered: int = 0
+    batches: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+
+class Dispatcher:
+    """One term's queue drain. Create per term; ``run()`` until stopping or cancelled."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: AsyncEngine,
+        provider: ProviderClient,
+        leadership: Leadership,
+        stats: DispatchStats,
+        election_stats: ElectionStats,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.provider = provider
+        self.leadership = leadership
+        self.stats = stats
+        self.election_stats = election_stats
+        self.metrics = metrics
+        self.token = leadership.token
+        self.retry = RetryPolicy(
+            max_attempts=settings.max_attempts,
+            base_delay=settings.retry_base_delay,
+            max_delay=settings.retry_max_delay,
+            retention=timedelta(hours=settings.idempotency_retention_hours),
+        )
+        self._wake = asyncio.Event()
+        self._outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
+        self._calls: dict[int, asyncio.Task[None]] = {}
+        self._claimed: set[int] = set()  # in flight under our token, not yet recorded
+
+    # --- the term -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Recover, then claim → call → record until asked to stop. Stale → StaleLeader."""
+        # Bound before the helpers start: they inherit the context, so their lines carry it.
+        structlog.contextvars.bind_contextvars(token=self.token)
+        helpers = [
+            asyncio.create_task(self._record_loop(), name="dispatch-recorder"),
+            asyncio.create_task(self._listen(), name="dispatch-listener"),
+            asyncio.create_task(self._reconcile_loop(), name="dispatch-reconcile"),
+        ]
+        try:
+            await self._recover()
+            await self._claim_loop(helpers)
+            await self._drain_gracefully()
+        finally:
+            # Shielded: the elector cancels this task when it steps down, possibly while we
+            # are already unwinding; the final (fenced) writes must still be attempted.
+            # _leave is bounded by its own timeouts.
+            leaving = asyncio.ensure_future(self._leave(helpers))
+            try:
+                await asyncio.shield(leaving)
+            except asyncio.CancelledError:
+                await leaving
+                raise
+
+    async def _leave(self, helpers: Sequence[asyncio.Task[None]]) -> None:
+        for call in self._calls.values():
+            call.cancel()  # abandoned: their results would be fenced out anyway
+        for helper in helpers:
+            helper.cancel()
+        await asyncio.gather(*self._calls.values(), *helpers, return_exceptions=True)
+        await self._final_writes()
+
+    async def _claim_loop(self, helpers: Sequence[asyncio.Task[None]]) -> None:
+        settings = self.settings
+        batch_size = settings.dispatch_batch_size
+        # Top up in sizeable batches: refilling one free slot at a time would cost a claim
+        # round trip per payment.
+        low_water = max(1, min(batch_size, settings.dispatch_concurrency) // 4)
+        while not self.leadership.stopping.is_set():
+            self.leadership.progress()
+            for helper in helpers:
+                if helper.done():
+                    helper.result()  # a recorder error (StaleLeader...) ends the term
+            # Cleared before claiming, so a NOTIFY or a recorded batch that lands while we
+            # claim still wakes the wait below.
+            self._wake.clear()
+            free = settings.dispatch_concurrency - len(self._claimed)
+            if free >= low_water or (free > 0 and not self._claimed):
+                want = min(free, batch_size)
+                batch = await self._claim(want)
+                for payment in batch:
+                    self._start_call(payment)
+                if len(batch) == want:
+                    continue  # more may be waiting: claim again without sleeping
+            waiters = [
+                asyncio.ensure_future(self._wake.wait()),
+                asyncio.ensure_future(self.leadership.stopping.wait()),
+            ]
+            await asyncio.wait(
+                [*waiters, *helpers],
+                timeout=settings.dispatch_poll_interval,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            for waiter in waiters:
+                waiter.cancel()
+
+    def _start_call(self, payment: Claimed) -> None:
+        self._claimed.add(payment.id)
+        task = asyncio.create_task(self._call(payment))
+        self._calls[payment.id] = task
+        task.add_done_callback(functools.partial(self._call_done, payment.id))
+
+    def _call_done(self, payment_id: int, _: asyncio.Task[None]) -> None:
+        self._calls.pop(payment_id, None)
+
+    async def _drain_gracefully(self) -> None:
+        """Resigning: no new claims; give calls in flight a bounded time, record them."""
+        if self._calls:
+            grace = max(0.0, min(self.settings.shutdown_grace * 0.8, self.leadership.remaining()))
+            await asyncio.wait(list(self._calls.values()), timeout=grace)
+        await self._flush_outcomes()
+
+    # --- claiming and calling -------------------------------------------------------------
+
+    async def _claim(self, limit: int) -> list[Claimed]:
+        async with self._leader_tx(self.leadership.call_timeout(self.settings.db_timeout)) as conn:
+            rows = await conn.execute(queue.CLAIM, {"limit": limit, "token": self.token})
+            claimed = [Claimed(*row) for row in rows]
+        if claimed:
+            self.stats.claimed += len(claimed)
+            self.stats.batches += 1
+            self.metrics.batch_sizes.observe(len(claimed))
+        return claimed
+
+    async def _call(self, payment: Claimed) -> None:
+        # Each call is its own task, so this binding is local to the payment's log lines.
+        structlog.contextvars.bind_contextvars(
+            payment_id=payment.id, idempotency_key=payment.idempotency_key
+        )
+        started = datetime.now(UTC)
+        try:
+            timeout = self.leadership.call_timeout(self.settings.provider_timeout)
+            with self.metrics.provider_latency.time():
+                charge = await self.provider.charge(payment.request(), timeout=timeout)
+        except LeadershipLost:
+            return  # validity ran out before the call: leave it claimed for release
+        except (RetryableProviderError, UnknownOutcome) as exc:
+            outcome = self._retry_or_park(payment, exc, started)
+        except TerminalProviderError as exc:
+            outcome = self._outcome(
+                payment, PaymentStatus.FAILED, "failed", None, str(exc), exc.status, started
+            )
+        else:
+            outcome = self._from_charge(payment, charge, started)
+        self._outcomes.put_nowait(outcome)
+
+    def _from_charge(self, payment: Claimed, charge: Charge, started: datetime) -> Outcome:
+        if charge.status == "declined":
+            return self._outcome(
+                payment,
+                PaymentStatus.DECLINED,
+                "declined",
+                charge.charge_id,
+                f"declined: {charge.decline_code or 'no reason given'}",
+                charge.http_status,
+                started,
+            )
+        return self._outcome(
+            payment,
+            PaymentStatus.SUCCEEDED,
+            "succeeded",
+            charge.charge_id,
+            None,
+            charge.http_status,
+            started,
+        )
+
+    def _retry_or_park(self, payment: Claimed, exc: Exception, started: datetime) -> Outcome:
+        kind = "unknown" if isinstance(exc, UnknownOutcome) else "retry"
+        status_code = getattr(exc, "status", None)
+        if self.retry.should_park(payment.attempts, payment.created_at, datetime.now(UTC)):
+            # Re-sending past the budget, or near the key's expiry at the provider, could
+            # charge twice; look it up instead.
+            return self._outcome(
+                payment,
+                PaymentStatus.NEEDS_RECONCILIATION,
+                kind,
+                None,
+                f"{exc} (after {payment.attempts} attempts)",
+                status_code,
+                started,
+            )
+        delay = self.retry.delay(payment.attempts)
+        return self._outcome(
+            payment, PaymentStatus.PENDING, kind, None, str(exc), status_code, started, delay=delay
+        )
+
+    def _outcome(
+        self,
+        payment: Claimed,
+        status: PaymentStatus,
+        attempt_outcome: str,
+        charge_id: str | None,
+        error: str | None,
+        http_status: int | None,
+        started: datetime,
+        *,
+        delay: float = 0.0,
+    ) -> Outcome:
+        return Outcome(
+            payment.id,
+            payment.attempts,
+            status,
+            attempt_outcome,
+            charge_id,
+            error[:500] if error else None,
+            http_status,
+            delay,
+            started,
+            datetime.now(UTC),
+        )
+
+    # --- recording ------------------------------------------------------------------------
+
+    async def _record_loop(self) -> None:
+        while True:
+            first = await self._outcomes.get()
+            batch = [first]
+            while not self._outcomes.empty() and len(batch) < 500:
+                batch.append(self._outcomes.get_nowait())
+            await self._record(batch)
+
+    async def _flush_outcomes(self) -> None:
+        batch = []
+        while not self._outcomes.empty():
+            batch.append(self._outcomes.get_nowait())
+        if batch:
+            await self._record(batch)
+
+    async def _record(self, batch: list[Outcome]) -> None:
+        params: dict[str, Any] = {"token": self.token, "node": self.settings.node_id}
+        async with self._leader_tx(self.settings.db_timeout) as conn:
+            await conn.execute(
+                queue.RECORD_OUTCOMES,
+                {
+                    **params,
+                    "ids": [o.payment_id for o in batch],
+                    "statuses": [o.status.value for o in batch],
+                    "charge_ids": [o.charge_id for o in batch],
+                    "errors": [o.error for o in batch],
+                    "delays": [o.delay for o in batch],
+                },
+            )
+            await conn.execute(
+                queue.RECORD_ATTEMPTS,
+                {
+                    **params,
+                    "ids": [o.payment_id for o in batch],
+                    "attempts": [o.attempt for o in batch],
+                    "started": [o.started for o in batch],
+                    "finished": [o.finished for o in batch],
+                    "outcomes": [o.attempt_outcome for o in batch],
+                    "https": [o.http_status for o in batch],
+                    "errors": [o.error for o in batch],
+                },
+            )
+        for outcome in batch:
+            self._claimed.discard(outcome.payment_id)
+            self._count(outcome)
+        self._wake.set()  # room for more claims
+
+    def _count(self, outcome: Outcome) -> None:
+        self.metrics.provider_calls.labels(outcome.attempt_outcome).inc()
+        stats = self.stats
+        stats.outcomes[outcome.attempt_outcome] = stats.outcomes.get(outcome.attempt_outcome, 0) + 1
+        if outcome.status is PaymentStatus.SUCCEEDED:
+            stats.succeeded += 1
+        elif outcome.status is PaymentStatus.DECLINED:
+            stats.declined += 1
+        elif outcome.status is PaymentStatus.FAILED:
+            stats.failed += 1
+        elif outcome.status is PaymentStatus.PENDING:
+            stats.retries += 1
+        else:
+            stats.needs_reconciliation += 1
+
+    async def _final_writes(self) -> None:
+        """On the way out: record what finished and release what did not. Both are fenced:
+        after a takeover they are rejected, which is counted and logged, never applied."""
+        log.info(
+            "token %s: leaving; recording %d finished calls, releasing %d claimed payments",
+            self.token,
+            self._outcomes.qsize(),
+            len(self._claimed),
+        )
+        try:
+            async with asyncio.timeout(min(self.settings.db_timeout, 2.0)):
+                await self._flush_outcomes()
+                if self._claimed:
+                    async with self._leader_tx(None) as conn:
+                        await conn.execute(
+                            queue.RELEASE, {"token": self.token, "ids": sorted(self._claimed)}
+                        )
+        except StaleLeader:
+            pass  # counted and logged in _leader_tx
+        except (DatabaseUnavailable, TimeoutError) as exc:
+            log.warning(
+                "token %s: could not record/release on the way out (the next leader "
+                "recovers them): %s",
+                self.token,
+                exc,
+            )
+
+    # --- recovery and reconciliation ------------------------------------------------------
+
+    async def _recover(self) -> None:
+        """Before claiming anything: re-queue every payment an older leader left in flight."""
+        timeout = self.leadership.call_timeout(self.settings.db_timeout)
+        async with self._leader_tx(timeout) as conn:
+            rows = await conn.execute(
+                queue.RECOVER, {"token": self.token, "node": self.settings.node_id}
+            )
+            recovered = len(rows.fetchall())
+        if recovered:
+            self.stats.recovered += recovered
+            log.info(
+                "token %s: re-queued %d payments left in flight by an older leader",
+                self.token,
+                recovered,
+            )
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reconcile_interval)
+            await self._reconcile_once()
+
+    async def _reconcile_once(self) -> None:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(queue.RECONCILE_CANDIDATES, {"limit": 50})).fetchall()
+        for payment_id, key in rows:
+            try:
+                timeout = self.leadership.call_timeout(self.settings.provider_timeout)
+                charge = await self.provider.find_by_key(key, timeout=timeout)
+            except (RetryableProviderError, UnknownOutcome) as exc:
+                log.warning("reconcile of payment %s deferred: %s", payment_id, exc)
+                return
+            if charge is None:
+                continue  # never charged: an operator decides (retry or fail)
+            status = "declined" if charge.status == "declined" else "succeeded"
+            async with self._leader_tx(self.leadership.call_timeout(self.settings.db_timeout)) as c:
+                await c.execute(
+                    queue.RECONCILE,
+                    {
+                        "id": payment_id,
+                        "status": status,
+                        "charge_id": charge.charge_id,
+                        "error": None,
+                        "token": self.token,
+                    },
+                )
+            self.stats.reconciled += 1
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _leader_tx(self, timeout: float | None) -> Any:
+        """A transaction that opens with the fence assertion; errors become typed."""
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                if timeout is not None:
+                    await stack.enter_async_context(asyncio.timeout(timeout))
+                conn: AsyncConnection = await stack.enter_async_context(self.engine.begin())
+                await conn.execute(
+                    queue.ASSERT_FENCE, {"fence": self.settings.fence_name, "token": self.token}
+                )
+                yield conn
+        except (StaleLeader, LeadershipLost, asyncio.CancelledError, TimeoutError):
+            raise
+        except Exception as exc:
+            typed = translate(exc)
+            if isinstance(typed, StaleLeader):
+                self.election_stats.stale_writes_rejected += 1
+                log.warning("write with token %s rejected by the fence: %s", self.token, typed)
+            if typed is None:
+                raise
+            raise typed from exc
+
+    async def _listen(self) -> None:
+        """LISTEN on a dedicated connection; re-LISTEN after any reconnect. Polling covers
+        notifications lost while disconnected."""
+        while True:
+            conn = None
+            try:
+                conn = await asyncpg.connect(
+                    self.settings.asyncpg_dsn, timeout=self.settings.db_timeout
+                )
+                await conn.add_listener(self.settings.notify_channel, lambda *_: self._wake.set())
+                closed = asyncio.Event()
+                conn.add_termination_listener(lambda *_, ev=closed: ev.set())
+                self._wake.set()  # anything inserted while we were not listening
+                await closed.wait()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("LISTEN connection lost (%s); polling until it is back", exc)
+                await asyncio.sleep(0.5)
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(conn.close(), 1.0)

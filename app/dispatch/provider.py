@@ -1,0 +1,65 @@
+"""Calls to the payment provider, classified into the outcomes the dispatcher acts on.
+
+Every call for a payment sends the payment's own idempotency key and identical parameters,
+so any retry — by this leader or the next — is answered with the original result.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+
+from app.domain.outcome import Charge, charge_from_ledger, classify_charge_answer, decode_body
+from app.domain.payment import ChargeRequest
+from app.errors import RetryableProviderError, UnknownOutcome
+
+
+class ProviderClient:
+    """A thin client over one shared aiohttp session."""
+
+    def __init__(self, base_url: str, session: aiohttp.ClientSession) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.session = session
+
+    async def charge(self, request: ChargeRequest, *, timeout: float) -> Charge:
+        """POST /v1/charges. Returns a Charge, or raises:
+
+        RetryableProviderError — 409 (same key in progress), 429, 5xx: retry, same key;
+        UnknownOutcome — timeout, connection lost, response dropped: retry, same key;
+        TerminalProviderError — the provider rejected the request itself (4xx).
+        """
+        try:
+            async with self.session.post(
+                f"{self.base_url}/v1/charges",
+                data=request.body(),
+                headers={
+                    "Idempotency-Key": request.idempotency_key,
+                    "Content-Type": "application/json",
+                },
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
+                status = resp.status
+                raw = await resp.read()
+        except TimeoutError as exc:
+            raise UnknownOutcome(f"provider did not answer within {timeout:.2f}s") from exc
+        except aiohttp.ClientError as exc:
+            raise UnknownOutcome(
+                f"provider connection failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        return classify_charge_answer(status, raw)
+
+    async def find_by_key(self, idempotency_key: str, *, timeout: float) -> Charge | None:
+        """Look a charge up in the provider's ledger by idempotency key (reconciliation)."""
+        try:
+            async with self.session.get(
+                f"{self.base_url}/v1/charges",
+                params={"idempotency_key": idempotency_key, "limit": "1"},
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
+                if resp.status != 200:
+                    raise RetryableProviderError(
+                        f"ledger lookup answered {resp.status}", status=resp.status
+                    )
+                payload = decode_body(await resp.read())
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise UnknownOutcome(f"ledger lookup failed: {exc}") from exc
+        return charge_from_ledger(payload, idempotency_key)

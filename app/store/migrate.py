@@ -1,0 +1,92 @@
+"""``paydispatch migrate``: Alembic upgrade to head, serialised by a Postgres advisory lock.
+
+Five replicas starting at once all call this; the first takes the lock and migrates, the
+others wait on the lock and then find nothing left to do. All of them succeed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import migrations
+from app.settings import Settings
+from app.store.engine import translate
+
+log = logging.getLogger(__name__)
+
+# Arbitrary but fixed: "paydispatch migrate" as a 64-bit advisory lock key.
+MIGRATION_LOCK_KEY = 0x7061796D6967
+
+
+def alembic_config(settings: Settings) -> Config:
+    """An Alembic config pointing at the packaged ``migrations`` directory."""
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    config.set_main_option("sqlalchemy.url", settings.sqlalchemy_url.replace("%", "%%"))
+    config.attributes["fence_name"] = settings.fence_name
+    config.attributes["notify_channel"] = settings.notify_channel
+    return config
+
+
+def head_revision(settings: Settings) -> str:
+    """The newest revision shipped with this version of paydispatch."""
+    head = ScriptDirectory.from_config(alembic_config(settings)).get_current_head()
+    assert head is not None, "migrations directory has no revisions"
+    return head
+
+
+async def migrate(settings: Settings) -> tuple[str | None, str]:
+    """Upgrade the database to head. Returns (revision before, revision after).
+
+    Raises DatabaseUnavailable when Postgres cannot be reached.
+    """
+    try:
+        return await _migrate(settings)
+    except Exception as exc:
+        typed = translate(exc)
+        if typed is None:
+            raise
+        raise typed from exc
+
+
+async def _migrate(settings: Settings) -> tuple[str | None, str]:
+    config = alembic_config(settings)
+    engine = create_async_engine(settings.sqlalchemy_url, pool_size=1, max_overflow=0)
+    try:
+        async with engine.connect() as conn:
+            # Session-level lock on its own connection, held across Alembic's transactions.
+            await conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            await conn.commit()
+            try:
+                before = await conn.run_sync(_current_revision)
+                await conn.run_sync(_upgrade, config)
+                await conn.commit()
+                after = await conn.run_sync(_current_revision)
+            finally:
+                await conn.execute(
+                    text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY}
+                )
+                await conn.commit()
+    finally:
+        await engine.dispose()
+    if after is None:
+        raise RuntimeError("migration finished without a current revision")
+    return before, after
+
+
+def _current_revision(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def _upgrade(connection: Connection, config: Config) -> None:
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")

@@ -1,0 +1,61 @@
+"""The aiohttp application of a replica's API: middlewares, state and routes.
+
+``create_app`` builds the API alone (ingest, reads, health); the replica's composition root
+(``app.replica``) adds leadership, the cluster and admin routes and the dashboard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from app.errors import ConfigurationError
+from app.obs.metrics import Metrics, http_metrics_middleware
+from app.settings import Settings
+from app.store.engine import create_engine
+from app.web.auth import auth_middleware
+from app.web.health import add_health_routes
+from app.web.openapi import openapi_document
+from app.web.payments import add_payment_routes
+from app.web.problems import problem_middleware
+from app.web.state import ENGINE, LIFECYCLE, METRICS, METRICS_REFRESH, SETTINGS, Lifecycle
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    engine = create_engine(app[SETTINGS], autocommit=True)
+    app[ENGINE] = engine
+    yield
+    await engine.dispose()
+
+
+async def _mark_shutting_down(app: web.Application) -> None:
+    app[LIFECYCLE].shutting_down = True
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The aiohttp application of one replica (API only; leadership is added by serve)."""
+    metrics = Metrics()
+    if not (settings.api_keys or settings.admin_api_keys or settings.allow_no_auth):
+        raise ConfigurationError(
+            "no API keys configured: set PAYDISPATCH_API_KEYS (comma-separated bearer tokens), "
+            "or set PAYDISPATCH_ALLOW_NO_AUTH=true to serve /v1/* without authentication"
+        )
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[
+            http_metrics_middleware(metrics),
+            problem_middleware(settings.retry_after_seconds),
+            auth_middleware(settings.api_keys, settings.admin_api_keys),
+        ],
+    )
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[METRICS_REFRESH] = []
+    app[LIFECYCLE] = Lifecycle()
+    app.cleanup_ctx.append(_database)
+    app.on_shutdown.append(_mark_shutting_down)
+    add_payment_routes(app)
+    add_health_routes(app)
+    app.router.add_get("/openapi.json", openapi_document)
+    return app

@@ -1,0 +1,91 @@
+"""Cluster routes: who leads, every campaigning replica, this replica's own view."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+from aiohttp import web
+
+from app.web.problems import problem
+from app.web.schemas import json_response
+from app.web.state import DISPATCH_STATS, ELECTOR, OBSERVER, SETTINGS, STATUS_COUNTS, WATCHDOG
+
+log = logging.getLogger(__name__)
+
+
+async def get_leader(request: web.Request) -> web.Response:
+    """GET /v1/leader — the leader as this replica observes it; 503 while there is none."""
+    leader = request.app[OBSERVER].leader
+    if leader is None:
+        return problem(
+            503, "No leader", "no replica holds leadership right now", headers={"Retry-After": "1"}
+        )
+    return json_response(leader.to_json())
+
+
+async def get_cluster(request: web.Request) -> web.Response:
+    """GET /v1/cluster — the cluster as this replica sees it: leader, every campaigning
+    replica, recent leadership changes and queue depth by status."""
+    observer = request.app[OBSERVER]
+    leader = observer.leader
+    queue_depth: dict[str, int] | None
+    try:
+        queue_depth = await request.app[STATUS_COUNTS].counts()
+    except Exception as exc:  # the cluster view still answers while Postgres is away
+        log.warning("queue depth unavailable: %s", exc)
+        queue_depth = None
+    return json_response(
+        {
+            "observed_by": request.app[SETTINGS].node_id,
+            "leader": leader.to_json() if leader else None,
+            "replicas": [
+                {
+                    "node_id": c.node_id,
+                    "url": c.url,
+                    "candidate_revision": c.token,
+                    "leading": leader is not None and c.token == leader.token,
+                }
+                for c in observer.candidates
+            ],
+            "leadership_changes": [change.to_json() for change in reversed(observer.changes)],
+            "queue": queue_depth,
+        }
+    )
+
+
+async def get_node(request: web.Request) -> web.Response:
+    """GET /v1/node — this replica's own view: role, term, counters, event-loop lag."""
+    elector = request.app[ELECTOR]
+    watchdog = request.app[WATCHDOG]
+    leadership = elector.leadership
+    observed = request.app[OBSERVER].leader
+    return json_response(
+        {
+            "node_id": request.app[SETTINGS].node_id,
+            "url": request.app[SETTINGS].public_url,
+            "is_leader": elector.is_leader,
+            "token": leadership.token if leadership else None,
+            "validity_remaining_s": round(leadership.remaining(), 3) if leadership else None,
+            "lease_renewed_ago_s": (
+                round(time.monotonic() - leadership.keepalive.last_ok_sent, 3)
+                if leadership
+                else None
+            ),
+            "leader": observed.to_json() if observed else None,
+            "terms": elector.stats.terms,
+            "transitions": elector.stats.transitions,
+            "stale_writes_rejected": elector.stats.stale_writes_rejected,
+            "dispatch": dataclasses.asdict(request.app[DISPATCH_STATS]),
+            "event_loop_lag_s": round(watchdog.lag, 4),
+            "event_loop_max_lag_s": round(watchdog.max_lag, 4),
+        }
+    )
+
+
+def add_cluster_routes(app: web.Application) -> None:
+    """Register /v1/leader, /v1/node and /v1/cluster."""
+    app.router.add_get("/v1/leader", get_leader)
+    app.router.add_get("/v1/node", get_node)
+    app.router.add_get("/v1/cluster", get_cluster)

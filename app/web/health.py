@@ -1,0 +1,47 @@
+"""Health and metrics routes: open without a key (they reveal no payment data)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from app.obs.metrics import CONTENT_TYPE
+from app.store.engine import ping
+from app.web.schemas import json_response
+from app.web.state import ENGINE, LIFECYCLE, METRICS, METRICS_REFRESH, SETTINGS
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """GET /metrics — Prometheus text; open like the health endpoints (no payment data)."""
+    for refresh in request.app[METRICS_REFRESH]:
+        await refresh()
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def livez(request: web.Request) -> web.Response:
+    """GET /livez — the process serves HTTP (no dependency is checked)."""
+    return json_response({"status": "alive"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """GET /readyz — Postgres answers within the timeout and we are not shutting down."""
+    settings = request.app[SETTINGS]
+    if request.app[LIFECYCLE].shutting_down:
+        return json_response({"status": "shutting_down"}, status=503)
+    try:
+        async with asyncio.timeout(settings.readyz_timeout):
+            await ping(request.app[ENGINE])
+    except Exception as exc:  # readiness reports any failure; it never raises
+        return json_response(
+            {"status": "not_ready", "database": f"{type(exc).__name__}: {exc}"[:300]},
+            status=503,
+        )
+    return json_response({"status": "ready", "database": "ok"})
+
+
+def add_health_routes(app: web.Application) -> None:
+    """Register /livez, /readyz and /metrics."""
+    app.router.add_get("/livez", livez)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)

@@ -1,0 +1,30 @@
+"""One parser for path and query parameters (ids, limits, cursors), used by every route.
+
+An id that is not a positive 63-bit integer names no payment: the answer is 404, never a 500
+from a number the database cannot hold.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+BIGINT_MAX = 2**63 - 1
+
+
+def parse_id(raw: str) -> int | None:
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 19:
+        return None
+    value = int(raw)
+    return value if 0 < value <= BIGINT_MAX else None
+
+
+def int_param(
+    params: Any, name: str, default: int, low: int, high: int, errors: list[dict[str, str]]
+) -> int:
+    raw = params.get(name)
+    if raw is None:
+        return default
+    if raw.isascii() and raw.isdigit() and low <= int(raw) <= high:
+        return int(raw)
+    errors.append({"field": name, "message": f"must be an integer from {low} to {high}"})
+    return default

@@ -1,0 +1,97 @@
+"""RFC 9457 problem+json answers and the middleware that turns every failure into one."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from app.errors import DatabaseUnavailable
+from app.store.engine import translate
+from app.web.validation import InvalidRequest
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def problem(
+    status: int,
+    title: str,
+    detail: str | None = None,
+    *,
+    errors: list[dict[str, str]] | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> web.Response:
+    """A problem+json response; ``errors`` lists offending fields for validation failures."""
+    body: dict[str, Any] = {
+        "type": f"https://paydispatch.dev/problems/{status}",
+        "title": title,
+        "status": status,
+        "detail": detail or title,
+    }
+    if errors is not None:
+        body["errors"] = errors
+    body.update(extra)
+    return web.Response(
+        status=status,
+        text=json.dumps(body),
+        content_type=PROBLEM_JSON,
+        headers=headers,
+    )
+
+
+def unavailable(retry_after: int, detail: str) -> web.Response:
+    """503 with Retry-After: Postgres is down, the client should retry the same request."""
+    return problem(
+        503,
+        "Service temporarily unavailable",
+        detail,
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+def problem_middleware(retry_after: int) -> Middleware:
+    """Middleware: bad input → 4xx, Postgres down → 503, anything else → 500; never a
+    traceback in a response body."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except InvalidRequest as exc:
+            return problem(exc.status, exc.title, _summary(exc.errors), errors=exc.errors)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return problem(
+                exc.status,
+                exc.reason,
+                exc.text if exc.text else None,
+                headers=_passthrough_headers(exc),
+            )
+        except DatabaseUnavailable as exc:
+            return unavailable(retry_after, str(exc))
+        except Exception as exc:
+            typed = translate(exc)
+            if isinstance(typed, DatabaseUnavailable):
+                log.warning("answering 503: %s", typed)
+                return unavailable(retry_after, str(typed))
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return problem(500, "Internal server error", "the error was logged on the server")
+
+    return middleware
+
+
+def _summary(errors: list[dict[str, str]]) -> str:
+    return "; ".join(f"{err['field']}: {err['message']}" for err in errors)
+
+
+def _passthrough_headers(exc: web.HTTPException) -> dict[str, str]:
+    return {key: value for key, value in exc.headers.items() if key in ("Allow", "Retry-After")}
