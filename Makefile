@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast chaos lint fmt typecheck clean validate-deploy kill-leader
+.PHONY: demo test test-unit test-fast chaos lint fmt typecheck clean validate-deploy kill-leader
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ demo: $(STAMP)
 ## test: the whole suite, chaos tests included (what CI runs)
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+## test-unit: the fast tier: pure logic, no process, server or database (seconds)
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit
 
 ## test-fast: everything but the slow chaos tests
 test-fast: $(STAMP)

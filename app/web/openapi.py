@@ -1,8 +1,8 @@
 """The OpenAPI 3.1 description of a replica's HTTP API, served at ``GET /openapi.json``.
 
-The document is a plain dict written by hand next to the handlers it describes (app/api.py,
-app/replica.py, app/admin.py, app/dashboard.py) and the rules they enforce
-(app/validation.py, app/auth.py, app/problems.py). tests/test_openapi.py keeps it honest: it
+The document is a plain dict written by hand next to the handlers it describes (app/web/)
+and the rules they enforce (app/web/validation.py, app/web/auth.py, app/web/problems.py).
+tests/integration/test_openapi.py keeps it honest: it
 fails when a route is missing from the document or the document names one the router does
 not have, and it fuzzes a real server against it.
 
@@ -36,8 +36,8 @@ JsonObject = dict[str, Any]
 PROBLEM_JSON: Final = "application/problem+json"
 JSON: Final = "application/json"
 API_VERSION: Final = "1.0.0"
-# Copies of app/api.py's bounds (it imports this module, so this one cannot import it);
-# tests/test_openapi.py asserts they agree.
+# Copies of app/web/payments.py's bounds (it imports this module, so this one cannot import it);
+# tests/integration/test_openapi.py asserts they agree.
 LIST_LIMIT_DEFAULT: Final = 50
 LIST_LIMIT_MAX: Final = 500
 

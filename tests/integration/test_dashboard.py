@@ -49,7 +49,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 VIEWPORT: ViewportSize = {"width": 1280, "height": 900}
-SCREENSHOT = Path(__file__).resolve().parents[1] / "artifacts" / "dashboard.png"
+SCREENSHOT = Path(__file__).resolve().parents[2] / "artifacts" / "dashboard.png"
 SVG_NAMESPACE = "http://www.w3.org/2000/svg"
 
 DECLINED_AMOUNT = 113

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VALIDATE = ROOT / ".ci" / "validate-deploy"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ETCD_MEMBERS = ("etcd-1", "etcd-2", "etcd-3")
