@@ -3,7 +3,7 @@
 #   build stage: a virtualenv with the project pip-installed from the copied sources;
 #   final stage: the same slim Python, only that virtualenv, a non-root user, no build tools.
 # Both stages must use the same base: the venv's interpreter links to /usr/local/bin/python3.11.
-# Checked offline by deploy/validate.sh (hadolint).
+# Checked offline by .ci/validate-deploy (hadolint).
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build

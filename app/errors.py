@@ -10,6 +10,9 @@ from __future__ import annotations
 class PaydispatchError(Exception):
     """paydispatch failed."""
 
+    # How a leadership term that ended on this error is counted (transitions metric).
+    step_down_reason = "unexpected_error"
+
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or (self.__doc__ or "").strip())
 
@@ -21,10 +24,14 @@ class ConfigurationError(PaydispatchError):
 class DatabaseUnavailable(PaydispatchError):
     """Postgres is unreachable or not accepting connections; retry shortly."""
 
+    step_down_reason = "database_unavailable"
+
 
 class StaleLeader(PaydispatchError):
     """A newer leader holds the fence: this replica's fencing token is outdated and it must
     stop acting as leader at once."""
+
+    step_down_reason = "fenced"
 
 
 class TerminalStateViolation(PaydispatchError):
@@ -34,9 +41,13 @@ class TerminalStateViolation(PaydispatchError):
 class LeadershipLost(PaydispatchError):
     """This replica is no longer the leader (lease lost, expired or revoked)."""
 
+    step_down_reason = "lost"
+
 
 class EtcdUnavailable(PaydispatchError):
     """etcd is unreachable or timed out; leadership cannot be confirmed."""
+
+    step_down_reason = "etcd_unavailable"
 
 
 # --- provider call outcomes the dispatcher classifies -------------------------------------

@@ -14,9 +14,10 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from app.dispatch.dispatcher import Dispatcher, DispatchStats
+from app.dispatch.dispatcher import DispatchStats
+from app.dispatch.leader import DispatchLeader
 from app.dispatch.provider import ProviderClient
-from app.leadership.elector import Elector, Leadership
+from app.leadership.elector import ElectionConfig, Elector
 from app.leadership.etcd import EtcdClient
 from app.leadership.keepalive import LoopWatchdog
 from app.leadership.observer import LeaderObserver
@@ -45,6 +46,20 @@ from app.web.testhooks import add_test_hooks
 log = logging.getLogger(__name__)
 
 
+def election_config(settings: Settings) -> ElectionConfig:
+    """The elector's view of the settings: who this replica is and the election's timing."""
+    return ElectionConfig(
+        node_id=settings.node_id,
+        url=settings.public_url,
+        prefix=settings.election_prefix,
+        endpoints=settings.etcd_endpoints,
+        lease_ttl=settings.lease_ttl,
+        margin=settings.lease_safety_margin,
+        etcd_timeout=settings.etcd_timeout,
+        shutdown_grace=settings.shutdown_grace,
+    )
+
+
 async def _leadership(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     watchdog = LoopWatchdog()
@@ -57,21 +72,11 @@ async def _leadership(app: web.Application) -> AsyncIterator[None]:
     )
     provider = ProviderClient(settings.provider_url, http)
     dispatch_stats = DispatchStats()
-    elector: Elector
-
-    async def dispatch(leadership: Leadership) -> None:
-        await Dispatcher(
-            settings,
-            leader_engine,
-            provider,
-            leadership,
-            dispatch_stats,
-            elector.stats,
-            app[METRICS],
-        ).run()
-
-    elector = Elector(settings, client, leader_engine, dispatch, watchdog)
-    observer = LeaderObserver(settings, client)
+    # Data flows one way: the elector publishes terms; the dispatch side leads each one.
+    leader = DispatchLeader(settings, leader_engine, provider, dispatch_stats, app[METRICS])
+    config = election_config(settings)
+    elector = Elector(config, client, leader, watchdog)
+    observer = LeaderObserver(config, client)
     app[WATCHDOG] = watchdog
     app[ELECTOR] = elector
     app[OBSERVER] = observer

@@ -61,7 +61,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     remote.add_argument(
         "--fault-command",
         help="shell command that injects a fault; gets FAULT and "
-        "LEADER_NODE_ID in its environment (e.g. deploy/kill-leader.sh)",
+        "LEADER_NODE_ID in its environment (e.g. a script that runs docker compose kill)",
     )
     return parser.parse_args(argv)
 

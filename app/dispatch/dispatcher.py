@@ -1,6 +1,6 @@
 """The leader's work: drain the queue through the provider, exactly once in effect.
 
-Runs only inside a leadership term (app.leadership.elector calls ``Dispatcher.run``). Every write is
+Runs only inside a leadership term (``app.dispatch.leader`` runs it for each term). Every write is
 stamped with the term's token and opens with ``paydispatch_assert_fence``, so Postgres
 refuses it once a newer leader has raised the fence — whatever this process believes.
 
@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -38,7 +39,7 @@ from app.errors import (
     TerminalProviderError,
     UnknownOutcome,
 )
-from app.leadership.elector import ElectionStats, Leadership
+from app.leadership.term import Term
 from app.obs.metrics import Metrics
 from app.settings import Settings
 from app.store import payments as queue
@@ -60,6 +61,7 @@ class DispatchStats:
     reconciled: int = 0
     recovered: int = 0
     batches: int = 0
+    stale_writes_rejected: int = 0  # writes the Postgres fence refused (a newer leader)
     outcomes: dict[str, int] = field(default_factory=dict)
 
 
@@ -71,9 +73,8 @@ class Dispatcher:
         settings: Settings,
         engine: AsyncEngine,
         provider: ProviderClient,
-        leadership: Leadership,
+        leadership: Term,
         stats: DispatchStats,
-        election_stats: ElectionStats,
         metrics: Metrics,
     ) -> None:
         self.settings = settings
@@ -81,9 +82,11 @@ class Dispatcher:
         self.provider = provider
         self.leadership = leadership
         self.stats = stats
-        self.election_stats = election_stats
         self.metrics = metrics
         self.token = leadership.token
+        # Monotonic time of the last completed claim round: DispatchLeader ends a term
+        # whose dispatcher stops making progress.
+        self.last_progress = time.monotonic()
         self.retry = RetryPolicy(
             max_attempts=settings.max_attempts,
             base_delay=settings.retry_base_delay,
@@ -136,7 +139,7 @@ class Dispatcher:
         # round trip per payment.
         low_water = max(1, min(batch_size, settings.dispatch_concurrency) // 4)
         while not self.leadership.stopping.is_set():
-            self.leadership.progress()
+            self.last_progress = time.monotonic()
             for helper in helpers:
                 if helper.done():
                     helper.result()  # a recorder error (StaleLeader...) ends the term
@@ -438,7 +441,7 @@ class Dispatcher:
         except Exception as exc:
             typed = translate(exc)
             if isinstance(typed, StaleLeader):
-                self.election_stats.stale_writes_rejected += 1
+                self.stats.stale_writes_rejected += 1
                 log.warning("write with token %s rejected by the fence: %s", self.token, typed)
             if typed is None:
                 raise

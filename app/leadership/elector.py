@@ -2,12 +2,14 @@
 
 Each candidate holds a lease and a key ``<prefix><lease id>`` created only if absent; the key
 with the lowest create revision leads. A waiting candidate watches the key just before its own
-(from the revision it read, so no deletion is missed). The winner re-checks in a transaction
-that its key still exists with its create revision, which becomes its **fencing token**, raises
-the Postgres fence to it and only then starts the leader's work. Anything unexpected → step
-down: cancel and await the work, revoke the lease, campaign again after a jittered pause.
+(from the revision it read, so no deletion is missed). The winner re-checks that its key still
+exists with its create revision, which becomes its **fencing token**, and publishes a
+:class:`~app.leadership.term.Term` to its subscriber (the leader's work). Anything unexpected →
+step down: cancel and await the work, revoke the lease, campaign again after a jittered pause.
 
-See docs in README.md ("Leadership") for the timing budget.
+The elector knows nothing of what the work does: raising the Postgres fence, the stall limit
+and counting fenced writes belong to the subscriber (``app.dispatch.leader``). The package
+docstring (``app/leadership/__init__.py``) states the rules and the timing budget.
 """
 
 from __future__ import annotations
@@ -23,67 +25,31 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
-from app.errors import EtcdUnavailable, LeadershipLost, StaleLeader
+from app.errors import EtcdUnavailable, LeadershipLost, PaydispatchError
 from app.leadership.etcd import EtcdClient, KeyValue
 from app.leadership.keepalive import KeepAlive, LoopWatchdog
-from app.settings import Settings
-from app.store.fence import raise_fence
+from app.leadership.term import Term
 
 log = logging.getLogger(__name__)
 
-# Work run while leading. It must return or raise when leadership.stopping is set (graceful
-# resign) and tolerate cancellation (any other loss).
-LeaderWork = Callable[["Leadership"], Coroutine[Any, Any, None]]
+# The subscriber: work run for one term. It must return or raise when term.stopping is set
+# (graceful resign or handover) and tolerate cancellation (any other loss). Returning while
+# the term is still wanted, or raising, ends the term.
+LeaderWork = Callable[[Term], Coroutine[Any, Any, None]]
 
 
-@dataclass
-class Leadership:
-    """This replica's term as leader. Trust it only while ``remaining() > 0``."""
+@dataclass(frozen=True)
+class ElectionConfig:
+    """What the elector needs to know: who this replica is and the election's timing."""
 
-    token: int
-    key: str
-    lease_id: int
     node_id: str
-    keepalive: KeepAlive
-    ttl: int
-    margin: float
-    stopping: asyncio.Event = field(default_factory=asyncio.Event)
-    elected_at: float = field(default_factory=time.monotonic)
-    # The leader's work calls progress() every round; a term whose work stops making progress
-    # (a driver wedged in a clean-up after Postgres went away) is ended, not kept forever.
-    last_progress: float = field(default_factory=time.monotonic)
-
-    def progress(self) -> None:
-        """Record that the leader's work completed a round."""
-        self.last_progress = time.monotonic()
-
-    @property
-    def deadline(self) -> float:
-        """Monotonic instant after which this leader must not act: last confirmed refresh
-        *sent* + TTL - safety margin."""
-        return self.keepalive.last_ok_sent + self.ttl - self.margin
-
-    def remaining(self) -> float:
-        """Seconds of validity left (≤ 0: no longer leader)."""
-        return self.deadline - time.monotonic()
-
-    def ensure_valid(self) -> None:
-        """Raise LeadershipLost unless this leader may still act."""
-        if self.keepalive.lost_reason is not None:
-            raise LeadershipLost(self.keepalive.lost_reason)
-        left = self.remaining()
-        if left <= 0:
-            raise LeadershipLost(
-                f"validity deadline passed {-left:.3f}s ago with no confirmed lease renewal"
-            )
-
-    def call_timeout(self, cap: float) -> float:
-        """A timeout for one call made as leader: at most ``cap``, always shorter than the
-        remaining validity. Raises LeadershipLost when no time is left."""
-        self.ensure_valid()
-        return max(0.001, min(cap, self.remaining() - 0.01))
+    url: str  # advertised in the candidate key, so operators and peers can find the leader
+    prefix: str  # etcd key prefix of this cluster's candidates
+    endpoints: tuple[str, ...]  # for the keep-alive thread's own client
+    lease_ttl: int
+    margin: float  # stop acting this long before the lease could expire
+    etcd_timeout: float
+    shutdown_grace: float  # how long a graceful stop waits for the work
 
 
 @dataclass
@@ -91,7 +57,6 @@ class ElectionStats:
     """Counters an operator (and the tests) read through GET /v1/node."""
 
     transitions: dict[str, int] = field(default_factory=dict)
-    stale_writes_rejected: int = 0
     terms: int = 0
 
     def count(self, reason: str) -> None:
@@ -99,23 +64,30 @@ class ElectionStats:
         self.transitions[reason] = self.transitions.get(reason, 0) + 1
 
 
+def step_down_reason(exc: BaseException) -> str:
+    """The transitions label for a term that ended on ``exc``."""
+    if isinstance(exc, PaydispatchError):
+        return exc.step_down_reason
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return "unexpected_error"
+
+
 class Elector:
     """Campaigns, leads (running ``work``), steps down and campaigns again until resigned."""
 
     def __init__(
         self,
-        settings: Settings,
+        config: ElectionConfig,
         client: EtcdClient,
-        engine: AsyncEngine,
         work: LeaderWork,
         watchdog: LoopWatchdog,
     ) -> None:
-        self.settings = settings
+        self.config = config
         self.client = client
-        self.engine = engine
         self.work = work
         self.watchdog = watchdog
-        self.leadership: Leadership | None = None
+        self.term: Term | None = None
         self.stats = ElectionStats()
         self._resigning = asyncio.Event()  # for good: SIGTERM/SIGINT
         self._term_end = asyncio.Event()  # this term ends gracefully: resign or handover
@@ -123,9 +95,16 @@ class Elector:
         self._started_at = datetime.now(UTC).isoformat()
 
     @property
+    def acting_term(self) -> Term | None:
+        """The current term once its subscriber has taken it up, else None."""
+        term = self.term
+        return term if term is not None and term.acting else None
+
+    @property
     def is_leader(self) -> bool:
-        """True while this replica holds a valid term."""
-        return self.leadership is not None and self.leadership.remaining() > 0
+        """True while this replica holds a valid term that its subscriber has taken up."""
+        term = self.term
+        return term is not None and term.acting and term.remaining() > 0
 
     async def run(self) -> None:
         """Campaign and lead in a loop until ``resign()``; never returns early on errors."""
@@ -134,17 +113,19 @@ class Elector:
                 await self._term()
             except asyncio.CancelledError:
                 raise
-            except (LeadershipLost, StaleLeader, EtcdUnavailable, TimeoutError) as exc:
-                log.warning(
-                    "node %s out of the running: %s: %s",
-                    self.settings.node_id,
-                    type(exc).__name__,
-                    exc,
-                )
-            except Exception:  # unclassified: step down all the same, loudly
-                log.exception(
-                    "node %s out of the running after an unexpected error", self.settings.node_id
-                )
+            except Exception as exc:  # every error ends this session; only unknown ones loudly
+                if step_down_reason(exc) == "unexpected_error":
+                    log.exception(
+                        "node %s out of the running after an unexpected error",
+                        self.config.node_id,
+                    )
+                else:
+                    log.warning(
+                        "node %s out of the running: %s: %s",
+                        self.config.node_id,
+                        type(exc).__name__,
+                        exc,
+                    )
             if self._resigning.is_set():
                 break
             self._term_end.clear()
@@ -154,8 +135,8 @@ class Elector:
                     await self._resigning.wait()
 
     async def _term(self) -> None:
-        """One session: lease → candidate key → wait → verify → fence → lead."""
-        settings = self.settings
+        """One session: lease → candidate key → wait → verify → publish the term → lead."""
+        config = self.config
         lost = asyncio.Event()
         lost_reason: list[str] = []
 
@@ -164,99 +145,76 @@ class Elector:
             lost.set()
 
         granted_at = time.monotonic()
-        lease_id = await self.client.grant_lease(settings.lease_ttl, timeout=settings.etcd_timeout)
+        lease_id = await self.client.grant_lease(config.lease_ttl, timeout=config.etcd_timeout)
         keepalive = KeepAlive(
-            settings.etcd_endpoints,
+            config.endpoints,
             lease_id,
-            settings.lease_ttl,
+            config.lease_ttl,
             granted_at=granted_at,
             watchdog=self.watchdog,
             on_lost=on_lost,
         )
         keepalive.start()
         try:
-            key = f"{settings.election_prefix}{lease_id:016x}"
+            key = f"{config.prefix}{lease_id:016x}"
             value = json.dumps(
-                {
-                    "node_id": settings.node_id,
-                    "url": settings.public_url,
-                    "started_at": self._started_at,
-                }
+                {"node_id": config.node_id, "url": config.url, "started_at": self._started_at}
             ).encode()
             _, kv, _ = await self.client.create_if_absent(
-                key, value, lease_id, timeout=settings.etcd_timeout
+                key, value, lease_id, timeout=config.etcd_timeout
             )
             if kv is None:
                 raise LeadershipLost(f"candidate key {key} could not be created or read")
             token = kv.create_revision
-            log.info("node %s campaigning (candidate revision %s)", settings.node_id, token)
+            log.info("node %s campaigning (candidate revision %s)", config.node_id, token)
             await self._race(lost, lost_reason, self._wait_for_predecessors(token))
             if self._term_end.is_set():
                 return
 
-            leadership = Leadership(
+            term = Term(
                 token=token,
                 key=key,
                 lease_id=lease_id,
-                node_id=settings.node_id,
-                keepalive=keepalive,
-                ttl=settings.lease_ttl,
-                margin=settings.lease_safety_margin,
+                node_id=config.node_id,
+                lease=keepalive,
+                ttl=config.lease_ttl,
+                margin=config.margin,
             )
             if not await self.client.key_exists_with_create_revision(
-                key, token, timeout=leadership.call_timeout(settings.etcd_timeout)
+                key, token, timeout=term.call_timeout(config.etcd_timeout)
             ):
                 raise LeadershipLost(f"candidate key {key} vanished before the term began")
-            await raise_fence(
-                self.engine,
-                name=settings.fence_name,
-                token=token,
-                holder=settings.node_id,
-                timeout=leadership.call_timeout(settings.db_timeout),
-            )
-            leadership.ensure_valid()
-            await self._lead(leadership, lost, lost_reason)
+            term.ensure_valid()
+            await self._lead(term, lost, lost_reason)
         finally:
             await self._end_session(keepalive, lease_id)
 
-    async def _lead(
-        self, leadership: Leadership, lost: asyncio.Event, lost_reason: list[str]
-    ) -> None:
-        """Run the leader's work until it ends, the lease is lost or validity runs out."""
-        self.leadership = leadership
+    async def _lead(self, term: Term, lost: asyncio.Event, lost_reason: list[str]) -> None:
+        """Publish ``term`` to the work and run it until it ends, the lease is lost or
+        validity runs out."""
+        self.term = term
         self.stats.terms += 1
         self.stats.count("elected")
-        log.info("node %s elected leader with token %s", leadership.node_id, leadership.token)
-        self._work_task = asyncio.create_task(self.work(leadership), name="leader-work")
+        log.info("node %s elected leader with token %s", term.node_id, term.token)
+        self._work_task = asyncio.create_task(self.work(term), name="leader-work")
         try:
-            await self._race(lost, lost_reason, self._watch_deadline(leadership), self._work_task)
+            await self._race(lost, lost_reason, self._watch_deadline(term), self._work_task)
             if not self._term_end.is_set():
                 raise LeadershipLost("the leader's work ended by itself")
-        except (LeadershipLost, StaleLeader, EtcdUnavailable, TimeoutError) as exc:
-            reason = (
-                "fenced"
-                if isinstance(exc, StaleLeader)
-                else "etcd_unavailable"
-                if isinstance(exc, EtcdUnavailable)
-                else "lost"
-                if isinstance(exc, LeadershipLost)
-                else "timeout"
-            )
+        except Exception as exc:
+            reason = step_down_reason(exc)
             self.stats.count(reason)
-            log.warning(
-                "node %s stepping down (token %s): %s", leadership.node_id, leadership.token, exc
-            )
-            raise
-        except Exception:
-            self.stats.count("unexpected_error")
-            log.exception(
-                "node %s stepping down (token %s) after an unexpected error",
-                leadership.node_id,
-                leadership.token,
-            )
+            if reason == "unexpected_error":
+                log.exception(
+                    "node %s stepping down (token %s) after an unexpected error",
+                    term.node_id,
+                    term.token,
+                )
+            else:
+                log.warning("node %s stepping down (token %s): %s", term.node_id, term.token, exc)
             raise
         finally:
-            await self._stop_work(leadership)
+            await self._stop_work(term)
 
     async def _race(
         self, lost: asyncio.Event, lost_reason: list[str], *aws: Awaitable[None]
@@ -282,32 +240,22 @@ class Elector:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
 
-    async def _watch_deadline(self, leadership: Leadership) -> None:
-        """Raise LeadershipLost the moment validity runs out (also after a blocked loop), or
-        when the leader's work has made no progress for longer than any of its bounded calls
-        could take."""
-        settings = self.settings
-        stall_limit = 3 * settings.db_timeout + settings.provider_timeout + 2
+    async def _watch_deadline(self, term: Term) -> None:
+        """Raise LeadershipLost the moment validity runs out (also after a blocked loop)."""
         while True:
-            leadership.ensure_valid()
-            stalled = time.monotonic() - leadership.last_progress
-            if stalled > stall_limit:
-                raise LeadershipLost(
-                    f"the leader's work made no progress for {stalled:.1f}s; stepping down so "
-                    "that a healthy replica takes over"
-                )
-            await asyncio.sleep(min(0.05, max(0.001, leadership.remaining())))
+            term.ensure_valid()
+            await asyncio.sleep(min(0.05, max(0.001, term.remaining())))
 
-    async def _stop_work(self, leadership: Leadership) -> None:
+    async def _stop_work(self, term: Term) -> None:
         """Graceful if resigning (bounded wait), otherwise cancel at once; always awaited."""
         task = self._work_task
         self._work_task = None
-        self.leadership = None
+        self.term = None
         if task is None:
             return
         if self._term_end.is_set() and not task.done():
-            leadership.stopping.set()
-            grace = min(self.settings.shutdown_grace, max(0.0, leadership.remaining()))
+            term.stopping.set()
+            grace = min(self.config.shutdown_grace, max(0.0, term.remaining()))
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(task), grace)
         # Bounded: a task wedged in a driver's clean-up must not hold the step-down (and so
@@ -321,7 +269,7 @@ class Elector:
                 return
         log.error(
             "node %s: the leader's work did not stop within 10 s of being cancelled",
-            self.settings.node_id,
+            self.config.node_id,
         )
 
     async def _end_session(self, keepalive: KeepAlive, lease_id: int) -> None:
@@ -329,7 +277,7 @@ class Elector:
         keep-alive thread (closing its channel can take a moment; the handover must not
         wait for it)."""
         try:
-            await self.client.revoke_lease(lease_id, timeout=self.settings.etcd_timeout)
+            await self.client.revoke_lease(lease_id, timeout=self.config.etcd_timeout)
         except (EtcdUnavailable, TimeoutError) as exc:
             log.warning("could not revoke lease %x (it will expire): %s", lease_id, exc)
         finally:
@@ -337,10 +285,10 @@ class Elector:
 
     async def _wait_for_predecessors(self, my_revision: int) -> None:
         """Block until no candidate key older than ours remains (etcd's waitDeletes)."""
-        prefix = self.settings.election_prefix
+        prefix = self.config.prefix
         while True:
             kvs, revision = await self.client.get_prefix_sorted_by_create(
-                prefix, timeout=self.settings.etcd_timeout
+                prefix, timeout=self.config.etcd_timeout
             )
             older = [kv for kv in kvs if kv.create_revision < my_revision]
             if not older:
@@ -357,23 +305,21 @@ class Elector:
         """Stop acting, let the work finish within the grace period, revoke the lease."""
         if self._resigning.is_set():
             return
-        token = self.leadership.token if self.leadership else None
+        token = self.term.token if self.term else None
         self._resigning.set()
         self._term_end.set()
         if token is not None:
             self.stats.count("resigned")
-            log.info("node %s resigning leadership (token %s)", self.settings.node_id, token)
+            log.info("node %s resigning leadership (token %s)", self.config.node_id, token)
 
     def handover(self) -> int | None:
         """End this term gracefully (as on SIGTERM) but stay in the running: a follower takes
         over at once and this replica campaigns again behind it. Returns the token handed
         over, or None when this replica does not lead."""
-        leadership = self.leadership
-        if leadership is None or self._term_end.is_set():
+        term = self.term
+        if term is None or self._term_end.is_set():
             return None
         self.stats.count("handover")
-        log.info(
-            "node %s handing leadership over (token %s)", self.settings.node_id, leadership.token
-        )
+        log.info("node %s handing leadership over (token %s)", self.config.node_id, term.token)
         self._term_end.set()
-        return leadership.token
+        return term.token

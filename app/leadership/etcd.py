@@ -443,26 +443,6 @@ class EtcdClient:
 
         return await self._call(f"check {key!r}@{create_revision}", timeout, op)
 
-    async def delete_if_create_revision(
-        self, key: str, create_revision: int, *, timeout: float | None = None
-    ) -> bool:
-        """Delete ``key`` only if it is the incarnation created at ``create_revision`` (never a
-        successor's key); True if it was deleted."""
-        if create_revision <= 0:
-            raise ValueError(f"create_revision must be > 0, got {create_revision}")
-        raw_key = _key_bytes(key)
-
-        async def op(client: Any) -> bool:
-            tx = client.transactions
-            succeeded, _ = await client.transaction(
-                compare=[tx.create(raw_key) == create_revision],
-                success=[tx.delete(raw_key)],
-                failure=[],
-            )
-            return bool(succeeded)
-
-        return await self._call(f"delete {key!r}@{create_revision}", timeout, op)
-
     # --- watch -----------------------------------------------------------------------------
 
     async def watch(

@@ -12,8 +12,8 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from app.leadership.elector import ElectionConfig
 from app.leadership.etcd import EtcdClient, KeyValue
-from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ class LeaderInfo:
 class LeaderObserver:
     """Tracks the current leader through a watch on the election prefix (every replica)."""
 
-    def __init__(self, settings: Settings, client: EtcdClient) -> None:
-        self.settings = settings
+    def __init__(self, config: ElectionConfig, client: EtcdClient) -> None:
+        self.config = config
         self.client = client
         self.leader: LeaderInfo | None = None
         self.changes: list[LeaderInfo] = []  # recent leaders, newest last (bounded)
@@ -45,11 +45,11 @@ class LeaderObserver:
 
     async def run(self) -> None:
         """Follow the prefix until cancelled; reconnects from a fresh read after errors."""
-        prefix = self.settings.election_prefix
+        prefix = self.config.prefix
         while True:
             try:
                 kvs, revision = await self.client.get_prefix_sorted_by_create(
-                    prefix, timeout=self.settings.etcd_timeout
+                    prefix, timeout=self.config.etcd_timeout
                 )
                 candidates = {kv.key: kv for kv in kvs}
                 self._update(candidates)

@@ -1,0 +1,1 @@
+"""Observability: Prometheus metrics (one registry per app) and structured JSON logs."""

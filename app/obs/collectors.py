@@ -33,7 +33,7 @@ def collect_replica(
     elector: Elector, watchdog: LoopWatchdog, dispatch: DispatchStats, counts: StatusCounts
 ) -> Iterator[Metric]:
     """Scrape-time view of state counted elsewhere (one source of truth per number)."""
-    leadership = elector.leadership
+    term = elector.acting_term
     yield gauge(
         "paydispatch_is_leader",
         "1 while this replica holds a valid term.",
@@ -42,12 +42,12 @@ def collect_replica(
     yield gauge(
         "paydispatch_leader_token",
         "Fencing token of this replica's term (NaN when not leading).",
-        leadership.token if leadership else None,
+        term.token if term else None,
     )
     yield gauge(
         "paydispatch_lease_validity_remaining_seconds",
         "Seconds this leader may still act without a confirmed renewal.",
-        max(0.0, leadership.remaining()) if leadership else None,
+        max(0.0, term.remaining()) if term else None,
     )
     yield gauge(
         "paydispatch_event_loop_lag_seconds",
@@ -63,7 +63,7 @@ def collect_replica(
     yield CounterMetricFamily(
         "paydispatch_fence_rejections",
         "Writes of this replica rejected by the Postgres fence.",
-        value=elector.stats.stale_writes_rejected,
+        value=dispatch.stale_writes_rejected,
     )
     yield CounterMetricFamily(
         "paydispatch_dispatch_retries",

@@ -1,0 +1,18 @@
+"""Postgres: the only package that talks SQL (plus ``migrations/``).
+
+Callers get typed functions and domain dataclasses; statements stay here, named.
+
+Fencing rules (enforced by the database itself, ``migrations/versions/0001_initial.py``):
+
+- ``leader_fence`` holds, per queue, the highest token any leader has raised it to.
+  :func:`~app.store.fence.raise_fence` moves it only upward (equal = the same leader again),
+  taking the row lock that fenced writes wait on.
+- Every leader write carries its token (``fence_token``) and opens with
+  ``paydispatch_assert_fence``, which reads the fence row ``FOR SHARE``: a write by an old
+  token either commits before the fence moves or fails after it (SQLSTATE ``PDF01`` →
+  :class:`~app.errors.StaleLeader`). A superseded leader fails fast even when its statement
+  would touch no row.
+- Ingest (any replica) inserts ``pending`` rows with no token and never touches claimed rows.
+- Leader sessions run with ``idle_in_transaction_session_timeout`` ≤ 1 s, so a leader frozen
+  inside a transaction cannot hold the share lock and block the next leader's raise.
+"""

@@ -128,3 +128,7 @@ async def ping(engine: AsyncEngine) -> None:
     """One round trip to Postgres (readiness); raises whatever the driver raises."""
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
+
+
+# The engine type callers outside the store name (they never import SQLAlchemy themselves).
+Engine = AsyncEngine

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 
 from aiohttp import web
 
@@ -59,25 +58,24 @@ async def get_node(request: web.Request) -> web.Response:
     """GET /v1/node — this replica's own view: role, term, counters, event-loop lag."""
     elector = request.app[ELECTOR]
     watchdog = request.app[WATCHDOG]
-    leadership = elector.leadership
+    term = elector.acting_term
     observed = request.app[OBSERVER].leader
+    dispatch = dataclasses.asdict(request.app[DISPATCH_STATS])
+    # Served at the top level, where clients have always read it.
+    stale_writes_rejected = dispatch.pop("stale_writes_rejected")
     return json_response(
         {
             "node_id": request.app[SETTINGS].node_id,
             "url": request.app[SETTINGS].public_url,
             "is_leader": elector.is_leader,
-            "token": leadership.token if leadership else None,
-            "validity_remaining_s": round(leadership.remaining(), 3) if leadership else None,
-            "lease_renewed_ago_s": (
-                round(time.monotonic() - leadership.keepalive.last_ok_sent, 3)
-                if leadership
-                else None
-            ),
+            "token": term.token if term else None,
+            "validity_remaining_s": round(term.remaining(), 3) if term else None,
+            "lease_renewed_ago_s": round(term.renewed_ago(), 3) if term else None,
             "leader": observed.to_json() if observed else None,
             "terms": elector.stats.terms,
             "transitions": elector.stats.transitions,
-            "stale_writes_rejected": elector.stats.stale_writes_rejected,
-            "dispatch": dataclasses.asdict(request.app[DISPATCH_STATS]),
+            "stale_writes_rejected": stale_writes_rejected,
+            "dispatch": dispatch,
             "event_loop_lag_s": round(watchdog.lag, 4),
             "event_loop_max_lag_s": round(watchdog.max_lag, 4),
         }

@@ -199,16 +199,18 @@ async def test_create_if_absent_creates_once_and_returns_the_winner(client: Etcd
 async def test_create_revision_grows_across_keys(client: EtcdClient) -> None:
     prefix = _unique("candidates")
     lease = await client.grant_lease(5)
+    short = await client.grant_lease(5)
     try:
         revisions = []
-        for name in ("b", "a", "c"):
-            created, kv, _ = await client.create_if_absent(f"{prefix}/{name}", b"", lease)
+        for name, owner in (("b", short), ("a", lease), ("c", lease)):
+            created, kv, _ = await client.create_if_absent(f"{prefix}/{name}", b"", owner)
             assert created
             assert kv is not None
             revisions.append(kv.create_revision)
-        # A deleted and re-created key is a new incarnation with a higher create revision.
-        assert await client.delete_if_create_revision(f"{prefix}/b", revisions[0])
-        assert not await client.delete_if_create_revision(f"{prefix}/b", revisions[0])
+        # A deleted (its lease revoked) and re-created key is a new incarnation with a higher
+        # create revision.
+        await client.revoke_lease(short)
+        assert (await client.get(f"{prefix}/b"))[0] is None
         _, kv, _ = await client.create_if_absent(f"{prefix}/b", b"", lease)
         assert kv is not None
         revisions.append(kv.create_revision)
@@ -241,7 +243,7 @@ async def test_watch_sees_a_delete_made_by_another_client(
     watcher = asyncio.create_task(consume())
     # The other client lists the members in another order: it may well use another member.
     async with EtcdClient(list(reversed(cluster3.endpoints)), timeout=TIMEOUT) as other:
-        assert await other.delete_if_create_revision(key, kv.create_revision)
+        await other.revoke_lease(lease)  # deletes the key attached to it
     async with asyncio.timeout(5):
         await watcher
     (event,) = events
@@ -249,7 +251,6 @@ async def test_watch_sees_a_delete_made_by_another_client(
     assert event.key == key
     assert event.create_revision == kv.create_revision
     assert event.mod_revision > read_revision
-    await client.revoke_lease(lease)
 
 
 async def test_cancelling_the_consumer_cancels_the_watch_in_etcd(

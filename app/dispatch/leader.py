@@ -1,0 +1,102 @@
+"""The leader's side of a term: the elector's subscriber.
+
+For each term the elector publishes, this raises the Postgres fence to the term's token
+before anything else (so no older leader can write from then on), runs the dispatcher, and
+ends the term when the dispatcher stops making progress: a driver wedged in a clean-up after
+Postgres went away must not hold the lease while nothing is charged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from app.dispatch.dispatcher import Dispatcher, DispatchStats
+from app.dispatch.provider import ProviderClient
+from app.errors import LeadershipLost
+from app.leadership.term import Term
+from app.obs.metrics import Metrics
+from app.settings import Settings
+from app.store.engine import Engine
+from app.store.fence import raise_fence
+
+log = logging.getLogger(__name__)
+
+# How long leaving a term may wait for the dispatcher's final (fenced, bounded) writes.
+LEAVE_BOUND = 10.0
+
+
+def stall_limit(settings: Settings) -> float:
+    """Seconds without a completed dispatcher round after which the term is given up:
+    longer than the slowest round of bounded calls (claim, call, record) could take."""
+    return 3 * settings.db_timeout + settings.provider_timeout + 2
+
+
+class DispatchLeader:
+    """Runs the dispatcher for each term it is given (``await leader(term)``)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        provider: ProviderClient,
+        stats: DispatchStats,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.provider = provider
+        self.stats = stats
+        self.metrics = metrics
+
+    async def __call__(self, term: Term) -> None:
+        """Lead for ``term``: fence, then dispatch until the term ends or the work stalls."""
+        settings = self.settings
+        await raise_fence(
+            self.engine,
+            name=settings.fence_name,
+            token=term.token,
+            holder=settings.node_id,
+            timeout=term.call_timeout(settings.db_timeout),
+        )
+        term.ensure_valid()
+        term.begin_acting()
+        dispatcher = Dispatcher(
+            settings, self.engine, self.provider, term, self.stats, self.metrics
+        )
+        await run_watched(dispatcher.run(), lambda: dispatcher.last_progress, stall_limit(settings))
+
+
+async def run_watched(
+    work: Coroutine[Any, Any, object], last_progress: Callable[[], float], limit: float
+) -> None:
+    """Run ``work``; raise LeadershipLost once ``last_progress()`` (a monotonic instant) is
+    more than ``limit`` seconds old. Either way ``work`` is cancelled and awaited, within a
+    bound: its own final writes have timeouts, but a wedged driver clean-up must not keep
+    the term (and its lease) alive."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_watch_progress(last_progress, limit))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        for finished in done:
+            finished.result()
+    finally:
+        watch.cancel()
+        task.cancel()
+        _, pending = await asyncio.wait({task, watch}, timeout=LEAVE_BOUND)
+        if pending:
+            log.error("the leader's work did not stop within %ss of being cancelled", LEAVE_BOUND)
+
+
+async def _watch_progress(last_progress: Callable[[], float], limit: float) -> None:
+    while True:
+        stalled = time.monotonic() - last_progress()
+        if stalled > limit:
+            raise LeadershipLost(
+                f"the leader's work made no progress for {stalled:.1f}s; stepping down so "
+                "that a healthy replica takes over"
+            )
+        await asyncio.sleep(min(0.5, limit / 10))

@@ -1,0 +1,190 @@
+"""The elector on its own, against a real etcd and no Postgres: it publishes terms whose token
+is the candidate key's create revision, one leader at a time, and ends a term on resign,
+handover, lease loss, or when its subscriber fails or stalls."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from app.dispatch.leader import run_watched
+from app.errors import LeadershipLost
+from app.leadership.elector import ElectionConfig, Elector
+from app.leadership.etcd import EtcdClient
+from app.leadership.keepalive import LoopWatchdog
+from app.leadership.term import Term
+from app.stack.etcd import EtcdCluster
+
+WAIT = 20.0  # seconds any expected event may take on a loaded 2-core machine
+
+
+@dataclass
+class Subscriber:
+    """Records every term it is given and takes it up; what it does then is up to the test."""
+
+    behaviour: Callable[[Term], Awaitable[None]] | None = None
+    terms: list[Term] = field(default_factory=list)
+    started: list[float] = field(default_factory=list)
+
+    async def __call__(self, term: Term) -> None:
+        self.terms.append(term)
+        self.started.append(time.monotonic())
+        term.begin_acting()
+        if self.behaviour is not None:
+            await self.behaviour(term)
+        else:
+            await term.stopping.wait()  # lead until the term ends gracefully
+
+
+def config(etcd: EtcdCluster, prefix: str, node_id: str) -> ElectionConfig:
+    return ElectionConfig(
+        node_id=node_id,
+        url=f"http://{node_id}.invalid",
+        prefix=prefix,
+        endpoints=tuple(etcd.endpoints),
+        lease_ttl=2,
+        margin=0.5,
+        etcd_timeout=1.0,
+        shutdown_grace=2.0,
+    )
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    """Wait for ``condition`` (polling a real system), failing with ``what``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for: {what}"
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    etcd: EtcdCluster, prefix: str, node_id: str, subscriber: Subscriber
+) -> AsyncIterator[Elector]:
+    """An elector campaigning until the block ends (then resigned and awaited)."""
+    watchdog = LoopWatchdog()
+    async with EtcdClient(etcd.endpoints, timeout=1.0) as client:
+        elector = Elector(config(etcd, prefix, node_id), client, subscriber, watchdog)
+        beat = asyncio.create_task(watchdog.run())
+        task = asyncio.create_task(elector.run())
+        try:
+            yield elector
+        finally:
+            await elector.resign()
+            await asyncio.wait_for(task, WAIT)
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"/paydispatch/test-{uuid.uuid4().hex[:8]}/election/"
+
+
+async def test_a_lone_candidate_leads_with_its_keys_create_revision_as_token(
+    etcd: EtcdCluster, prefix: str
+) -> None:
+    subscriber = Subscriber()
+    async with running(etcd, prefix, "solo", subscriber) as elector:
+        await until(lambda: elector.is_leader, "the lone candidate leads")
+        term = subscriber.terms[0]
+        async with EtcdClient(etcd.endpoints, timeout=1.0) as client:
+            kv, _ = await client.get(term.key)
+        assert kv is not None
+        assert term.token == kv.create_revision
+        assert term.key.startswith(prefix)
+        assert 0 < term.remaining() <= 2.0 - 0.5
+    assert elector.stats.transitions == {"elected": 1, "resigned": 1}
+    assert subscriber.terms[0].stopping.is_set(), "a resign ends the term gracefully"
+
+
+async def test_one_leader_among_three_and_each_handover_raises_the_token(
+    etcd: EtcdCluster, prefix: str
+) -> None:
+    subscribers = [Subscriber() for _ in range(3)]
+    async with contextlib.AsyncExitStack() as stack:
+        electors = [
+            await stack.enter_async_context(running(etcd, prefix, f"n{i}", sub))
+            for i, sub in enumerate(subscribers)
+        ]
+        tokens: list[int] = []
+        for _ in range(3):
+            await until(lambda: sum(e.is_leader for e in electors) == 1, "exactly one leader")
+            await asyncio.sleep(0.3)  # a second leader would show up by now
+            leaders = [e for e in electors if e.is_leader]
+            assert len(leaders) == 1
+            assert leaders[0].term is not None
+            tokens.append(leaders[0].term.token)
+            assert leaders[0].handover() == tokens[-1]
+            await until(
+                lambda: any(e.term is not None and e.term.token > tokens[-1] for e in electors),
+                "a follower leads after the handover",
+            )
+        assert tokens == sorted(set(tokens)), "tokens strictly increase from term to term"
+    published = sorted(t.token for s in subscribers for t in s.terms)
+    assert len(published) == len(set(published)), "no token is published twice"
+
+
+async def test_a_failing_subscriber_ends_the_term_and_the_next_term_has_a_higher_token(
+    etcd: EtcdCluster, prefix: str
+) -> None:
+    async def fail_first(term: Term) -> None:
+        if len(subscriber.terms) == 1:
+            raise RuntimeError("the work broke")
+        await term.stopping.wait()
+
+    subscriber = Subscriber(fail_first)
+    async with running(etcd, prefix, "flaky", subscriber) as elector:
+        await until(lambda: len(subscriber.terms) == 2, "a second term after the failure")
+        assert subscriber.terms[1].token > subscriber.terms[0].token
+        assert elector.stats.transitions.get("unexpected_error") == 1
+
+
+async def test_a_revoked_lease_ends_the_term_and_cancels_the_work(
+    etcd: EtcdCluster, prefix: str
+) -> None:
+    cancelled = asyncio.Event()
+
+    async def hold(term: Term) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    subscriber = Subscriber(hold)
+    async with running(etcd, prefix, "revoked", subscriber) as elector:
+        await until(lambda: elector.is_leader, "leads")
+        first = subscriber.terms[0]
+        async with EtcdClient(etcd.endpoints, timeout=1.0) as client:
+            await client.revoke_lease(first.lease_id)  # an operator, or etcd, drops the lease
+        await asyncio.wait_for(cancelled.wait(), WAIT)
+        with pytest.raises(LeadershipLost):
+            first.ensure_valid()
+        await until(lambda: len(subscriber.terms) == 2, "campaigns again and leads")
+        assert subscriber.terms[1].token > first.token
+        assert elector.stats.transitions.get("lost", 0) >= 1
+
+
+async def test_a_stalled_subscriber_is_stepped_down_after_the_stall_limit(
+    etcd: EtcdCluster, prefix: str
+) -> None:
+    limit = 1.5
+
+    async def wedged(term: Term) -> None:
+        progress = time.monotonic()
+        # Never reports progress again, like a driver call wedged in its clean-up.
+        await run_watched(asyncio.Event().wait(), lambda: progress, limit)
+
+    subscriber = Subscriber(wedged)
+    async with running(etcd, prefix, "wedged", subscriber) as elector:
+        await until(lambda: len(subscriber.started) >= 2, "a new term after the stall")
+        gap = subscriber.started[1] - subscriber.started[0]
+        assert limit <= gap < limit + 5
+        assert elector.stats.transitions.get("lost", 0) >= 1
