@@ -9,7 +9,6 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.dispatch.dispatcher import DispatchStats
 from app.leadership.elector import Elector
@@ -18,6 +17,7 @@ from app.leadership.observer import LeaderObserver
 from app.obs.metrics import Metrics
 from app.settings import Settings
 from app.store.counts import StatusCounts
+from app.store.engine import Engine
 
 
 class Lifecycle:
@@ -28,7 +28,7 @@ class Lifecycle:
 
 
 SETTINGS = web.AppKey("settings", Settings)
-ENGINE = web.AppKey("engine", AsyncEngine)
+ENGINE = web.AppKey("engine", Engine)
 METRICS = web.AppKey("metrics", Metrics)
 # Async steps run before each scrape (e.g. refreshing cached queue counts), so the sync
 # collectors only read memory.
