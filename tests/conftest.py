@@ -12,18 +12,20 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import aiohttp
-import asyncpg
 import pytest
-from aiohttp import web
 
-from app.settings import Settings, load_settings
-from app.stack.etcd import EtcdCluster
-from app.stack.ports import free_port
-from app.stack.postgres import PostgresServer
-from app.store.migrate import migrate
-from app.web.app import create_app
+# Imported lazily, inside the fixtures that need them: the unit tier (tests/unit) shares this
+# conftest and must not pay for (or depend on) the drivers, Alembic and the whole web app.
+if TYPE_CHECKING:
+    import aiohttp
+    import asyncpg
+    from aiohttp import web
+
+    from app.settings import Settings
+    from app.stack.etcd import EtcdCluster
+    from app.stack.postgres import PostgresServer
 
 TEMPLATE_DB = "paydispatch_template"
 TEST_API_KEY = "test-api-key"
@@ -41,6 +43,8 @@ def postgres_dir() -> Path:
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:
     """A real PostgreSQL server for the whole session, torn down (and deleted) at the end."""
+    from app.stack.postgres import PostgresServer
+
     server = PostgresServer(base_dir=postgres_dir())
     server.start()
     try:
@@ -51,6 +55,8 @@ def pg_server() -> Iterator[PostgresServer]:
 
 async def admin_execute(server: PostgresServer, *statements: str) -> None:
     """Run statements on the maintenance database (outside a transaction)."""
+    import asyncpg
+
     conn = await asyncpg.connect(server.url("postgres"))
     try:
         for statement in statements:
@@ -62,6 +68,9 @@ async def admin_execute(server: PostgresServer, *statements: str) -> None:
 @pytest.fixture(scope="session")
 async def template_db(pg_server: PostgresServer) -> str:
     """A database migrated to head once, used as the template of every test database."""
+    from app.settings import load_settings
+    from app.store.migrate import migrate
+
     await admin_execute(pg_server, f"CREATE DATABASE {TEMPLATE_DB}")
     await migrate(load_settings(database_url=pg_server.url(TEMPLATE_DB)))
     await admin_execute(pg_server, f"ALTER DATABASE {TEMPLATE_DB} WITH IS_TEMPLATE true")
@@ -83,6 +92,9 @@ async def database_url(pg_server: PostgresServer, template_db: str) -> AsyncIter
 @pytest.fixture
 def settings(database_url: str) -> Settings:
     """Replica settings pointing at this test's database."""
+    from app.settings import load_settings
+    from app.stack.ports import free_port
+
     return load_settings(
         database_url=database_url, node_id="test-node", port=free_port(), api_keys=TEST_API_KEY
     )
@@ -91,6 +103,8 @@ def settings(database_url: str) -> Settings:
 @pytest.fixture
 async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A raw asyncpg connection to this test's database, for arranging and asserting."""
+    import asyncpg
+
     conn = await asyncpg.connect(database_url)
     try:
         yield conn
@@ -110,6 +124,11 @@ class RunningApi:
 @pytest.fixture
 async def api(settings: Settings) -> AsyncIterator[RunningApi]:
     """The real aiohttp app on 127.0.0.1, driven over HTTP by an aiohttp client."""
+    import aiohttp
+    from aiohttp import web
+
+    from app.web.app import create_app
+
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -128,6 +147,8 @@ async def api(settings: Settings) -> AsyncIterator[RunningApi]:
 @pytest.fixture(scope="session")
 def etcd() -> Iterator[EtcdCluster]:
     """One real single-member etcd for the session (tests use distinct election prefixes)."""
+    from app.stack.etcd import EtcdCluster
+
     cluster = EtcdCluster(size=1, name="etcd-session")
     cluster.start()
     try:
@@ -139,6 +160,8 @@ def etcd() -> Iterator[EtcdCluster]:
 @pytest.fixture
 def etcd3() -> Iterator[EtcdCluster]:
     """A fresh 3-member etcd cluster for tests that kill members."""
+    from app.stack.etcd import EtcdCluster
+
     cluster = EtcdCluster(size=3, name="etcd3")
     cluster.start()
     try:

@@ -1,0 +1,149 @@
+"""Postgres failures → typed errors (app.store.engine's pure helpers), on constructed exception
+objects: no database involved."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+import sqlalchemy.exc
+
+from app.errors import DatabaseUnavailable, StaleLeader, TerminalStateViolation
+from app.store.engine import IntegrityViolation, is_unavailable, sqlstate_of, translate
+
+
+class DriverError(Exception):
+    """A driver exception carrying a SQLSTATE, as asyncpg's do."""
+
+    def __init__(self, message: str, sqlstate: str | None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+def wrapped(orig: BaseException, *, invalidated: bool = False) -> sqlalchemy.exc.DBAPIError:
+    """What SQLAlchemy raises around a driver error."""
+    return sqlalchemy.exc.DBAPIError(
+        "UPDATE payments ...", None, orig, connection_invalidated=invalidated
+    )
+
+
+def caused_by(cause: BaseException) -> RuntimeError:
+    try:
+        raise RuntimeError("outer") from cause
+    except RuntimeError as exc:
+        return exc
+
+
+# --- sqlstate_of ----------------------------------------------------------------------------
+
+
+def test_the_sqlstate_is_read_from_the_exception_itself() -> None:
+    assert sqlstate_of(DriverError("x", "23505")) == "23505"
+
+
+def test_the_sqlstate_is_found_through_sqlalchemys_wrapper() -> None:
+    assert sqlstate_of(wrapped(DriverError("x", "PDF01"))) == "PDF01"
+
+
+def test_the_sqlstate_is_found_through_a_chain_of_causes() -> None:
+    assert sqlstate_of(caused_by(caused_by(DriverError("x", "57P01")))) == "57P01"
+
+
+def test_an_exception_without_a_sqlstate_has_none() -> None:
+    assert sqlstate_of(ValueError("no state")) is None
+    assert sqlstate_of(DriverError("empty state", "")) is None
+
+
+def test_a_cycle_of_causes_ends_the_search() -> None:
+    first, second = ValueError("a"), ValueError("b")
+    first.__cause__, second.__cause__ = second, first
+
+    assert sqlstate_of(first) is None
+
+
+# --- is_unavailable -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ConnectionRefusedError(111, "Connection refused"),
+        OSError("network unreachable"),
+        TimeoutError(),
+        sqlalchemy.exc.TimeoutError("QueuePool limit reached"),
+        wrapped(Exception("server closed the connection"), invalidated=True),
+        DriverError("connection failure", "08006"),
+        asyncpg.exceptions.AdminShutdownError("terminating connection"),
+        DriverError("the database system is starting up", "57P03"),
+        DriverError("too many connections", "53300"),
+        wrapped(asyncpg.exceptions.ConnectionDoesNotExistError("closed mid-operation")),
+        caused_by(ConnectionResetError()),
+    ],
+    ids=lambda exc: type(exc).__name__,
+)
+def test_a_postgres_that_cannot_be_reached_now_is_unavailable(exc: BaseException) -> None:
+    assert is_unavailable(exc)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        DriverError("duplicate key", "23505"),
+        DriverError("relation does not exist", "42P01"),
+        DriverError("stale token", "PDF01"),
+        ValueError("a bug"),
+        wrapped(DriverError("syntax error", "42601")),
+    ],
+    ids=lambda exc: type(exc).__name__ + "-" + str(getattr(exc, "sqlstate", "")),
+)
+def test_a_bad_query_or_a_rule_violation_is_not_unavailability(exc: BaseException) -> None:
+    assert not is_unavailable(exc)
+
+
+def test_a_driver_interface_error_without_a_sqlstate_is_unavailability() -> None:
+    # asyncpg says "connection is closed" with an InterfaceError that carries no SQLSTATE.
+    orig = asyncpg.exceptions.InterfaceError("cannot call Connection.fetch(): connection is closed")
+    exc = sqlalchemy.exc.InterfaceError("SELECT 1", None, orig)
+
+    assert is_unavailable(exc)
+
+
+# --- translate ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sqlstate", ["PDF01", "PDF03"])
+def test_a_stale_token_or_unknown_fence_means_this_leader_is_stale(sqlstate: str) -> None:
+    typed = translate(wrapped(DriverError("fence token 3 < 7\nCONTEXT: trigger", sqlstate)))
+
+    assert isinstance(typed, StaleLeader)
+    assert "Postgres said: fence token 3 < 7" in str(typed)
+    assert "CONTEXT" not in str(typed)
+
+
+def test_a_change_to_a_terminal_payment_is_a_terminal_state_violation() -> None:
+    typed = translate(wrapped(DriverError("payment 9 is terminal", "PDT01")))
+
+    assert isinstance(typed, TerminalStateViolation)
+    assert str(typed) == "payment 9 is terminal"
+
+
+@pytest.mark.parametrize("sqlstate", ["PDF02", "PDI01", "PDA01"])
+def test_the_other_paydispatch_rules_are_integrity_violations(sqlstate: str) -> None:
+    assert isinstance(translate(DriverError("rule broken", sqlstate)), IntegrityViolation)
+
+
+def test_an_unreachable_postgres_is_database_unavailable() -> None:
+    typed = translate(ConnectionRefusedError(111, "Connection refused"))
+
+    assert isinstance(typed, DatabaseUnavailable)
+    assert str(typed).startswith("Postgres is unavailable: ")
+
+
+def test_an_unreachable_postgres_without_a_message_is_named_by_its_type() -> None:
+    assert str(translate(TimeoutError())) == "Postgres is unavailable: TimeoutError"
+
+
+@pytest.mark.parametrize(
+    "exc", [DriverError("duplicate key", "23505"), ValueError("a bug"), KeyError("id")]
+)
+def test_anything_else_is_left_unclassified(exc: BaseException) -> None:
+    assert translate(exc) is None
