@@ -211,10 +211,19 @@ def build_settings(cls: type[S], prefix: str, what: str, overrides: dict[str, An
         return cls(**given)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{prefix}{'.'.join(str(p) for p in err['loc']).upper() or 'SETTINGS'}: {err['msg']}"
+            f"{_variables(cls, prefix, err['loc'], err['msg'])}: {err['msg']}"
             for err in exc.errors()
         )
         raise ConfigurationError(f"invalid {what}: {problems}") from exc
+
+
+def _variables(cls: type[BaseSettings], prefix: str, loc: tuple[Any, ...], msg: str) -> str:
+    """The variable(s) an error is about: its field, or for a rule across fields every
+    field the message names (so the operator knows which variables to look at)."""
+    if loc:
+        return prefix + ".".join(str(part) for part in loc).upper()
+    named = [name for name in cls.model_fields if name in msg]
+    return ", ".join(prefix + name.upper() for name in named) or f"{prefix}* settings"
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -71,11 +71,12 @@ async def read_ledger(provider_url: str, *, timeout: float = 10.0) -> list[dict[
 
 
 async def read_payments(database_url: str) -> list[dict[str, Any]]:
-    """Every payment's key, status and charge id."""
+    """Every payment's key, status, charge id, amount and currency."""
     conn = await asyncpg.connect(database_url)
     try:
         rows = await conn.fetch(
-            "SELECT id, idempotency_key, status, provider_charge_id FROM payments ORDER BY id"
+            "SELECT id, idempotency_key, status, provider_charge_id, amount, currency"
+            " FROM payments ORDER BY id"
         )
     finally:
         await conn.close()
@@ -146,6 +147,14 @@ def compare(
             verdict.note("mismatched", f"payment {payment['id']} is {status} with no charge")
             continue
         charge = charges[0]
+        if _terms_differ(payment, charge):
+            verdict.mismatched += 1
+            verdict.note(
+                "mismatched",
+                f"payment {payment['id']}: {payment.get('amount')} {payment.get('currency')}"
+                f" charged as {charge.get('amount')} {charge.get('currency')}",
+            )
+            continue
         if charge.get("status") != status or charge.get("id") != payment["provider_charge_id"]:
             verdict.mismatched += 1
             verdict.note(
@@ -154,6 +163,15 @@ def compare(
                 f" vs ledger {charge.get('status')}/{charge.get('id')}",
             )
     return verdict
+
+
+def _terms_differ(payment: dict[str, Any], charge: dict[str, Any]) -> bool:
+    """True when the charge is for another amount or currency than the payment (fields a
+    row or charge does not carry are not compared)."""
+    return any(
+        field in payment and field in charge and payment[field] != charge[field]
+        for field in ("amount", "currency")
+    )
 
 
 async def wait_until_settled(database_url: str, timeout: float, interval: float = 0.2) -> bool:

@@ -32,6 +32,9 @@ class RetryPolicy:
     def delay(self, attempts: int, rng: random.Random | None = None) -> float:
         """Seconds to wait before attempt ``attempts + 1``: doubling from ``base_delay``,
         capped at ``max_delay``, then jittered to 50-100 % so a failed burst spreads out."""
-        backoff = min(self.max_delay, self.base_delay * 2.0 ** max(0, attempts - 1))
+        # The exponent is capped: past ~60 doublings any base delay is far beyond the cap,
+        # and 2.0 ** 1025 would overflow.
+        doublings = min(max(0, attempts - 1), 64)
+        backoff = min(self.max_delay, self.base_delay * 2.0**doublings)
         jitter: float = (rng or random).uniform(0.5, 1.0)
         return backoff * jitter

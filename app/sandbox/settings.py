@@ -132,9 +132,15 @@ def load_sandbox_settings(**overrides: Any) -> SandboxSettings:
     try:
         return SandboxSettings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        fields = (
-            (ENV_PREFIX + ".".join(str(part) for part in err["loc"]).upper(), err["msg"])
-            for err in exc.errors()
+        listed = "; ".join(
+            f"{_named(err['loc'], err['msg'])}: {err['msg']}" for err in exc.errors()
         )
-        listed = "; ".join(f"{name}: {message}" for name, message in fields)
         raise SandboxConfigError(f"invalid provider configuration: {listed}") from exc
+
+
+def _named(loc: tuple[Any, ...], msg: str) -> str:
+    """The variable an error is about; for a rule across fields, each field it mentions."""
+    if loc:
+        return ENV_PREFIX + ".".join(str(part) for part in loc).upper()
+    named = [ENV_PREFIX + name.upper() for name in SandboxSettings.model_fields if name in msg]
+    return ", ".join(named) or f"{ENV_PREFIX}* settings"

@@ -128,9 +128,6 @@ def test_a_safety_margin_of_half_the_lease_or_more_is_refused() -> None:
     assert "lease_safety_margin (2.0s) must be under half the lease_ttl (4s)" in message
 
 
-@pytest.mark.xfail(
-    strict=True, reason="cross-field errors are filed under a PAYDISPATCH_SETTINGS that no one sets"
-)
 def test_a_cross_field_error_names_the_variables_involved() -> None:
     message = config_error(LEASE_TTL="4", LEASE_SAFETY_MARGIN="2")
 
