@@ -92,6 +92,7 @@ class Elector:
         self._resigning = asyncio.Event()  # for good: SIGTERM/SIGINT
         self._term_end = asyncio.Event()  # this term ends gracefully: resign or handover
         self._work_task: asyncio.Task[None] | None = None
+        self._ignored: set[str] = set()  # lease-less keys already reported
         self._started_at = datetime.now(UTC).isoformat()
 
     @property
@@ -290,7 +291,19 @@ class Elector:
             kvs, revision = await self.client.get_prefix_sorted_by_create(
                 prefix, timeout=self.config.etcd_timeout
             )
-            older = [kv for kv in kvs if kv.create_revision < my_revision]
+            # A key without a lease cannot be a candidate: candidates create theirs with one,
+            # and etcd deletes it with the lease. Anyone who can write to etcd could plant
+            # one; waiting on it would block every election for good.
+            older = [kv for kv in kvs if kv.create_revision < my_revision and kv.lease]
+            for kv in kvs:
+                if not kv.lease and kv.key not in self._ignored:
+                    self._ignored.add(kv.key)
+                    log.warning(
+                        "ignoring %s under the election prefix: it has no lease, so it is no "
+                        "candidate (delete it: etcdctl del %s)",
+                        kv.key,
+                        kv.key,
+                    )
             if not older:
                 return
             await self._wait_deleted(older[-1], revision)

@@ -108,14 +108,15 @@ class WatchEvent:
     """One change seen by a watch.
 
     For ``put``: the new value and the key's create/mod revision. For ``delete``:
-    ``mod_revision`` is the revision of the deletion, ``value`` and ``create_revision`` are
-    those of the deleted key (0 and b"" if etcd no longer had them)."""
+    ``mod_revision`` is the revision of the deletion, ``value``, ``create_revision`` and
+    ``lease`` are those of the deleted key (b"", 0 and 0 if etcd no longer had them)."""
 
     type: Literal["put", "delete"]
     key: str
     value: bytes
     create_revision: int
     mod_revision: int
+    lease: int = 0
 
 
 class _ClosedUnderCall(Exception):
@@ -150,6 +151,7 @@ def _to_event(raw: Any) -> WatchEvent:
             value=bytes(kv.value),
             create_revision=int(kv.create_revision),
             mod_revision=int(kv.mod_revision),
+            lease=int(kv.lease),
         )
     # aetcd wraps the protobuf prev_kv even when etcd sent none (an empty message), so
     # "no previous value" shows as create_revision 0, not as None.
@@ -160,6 +162,7 @@ def _to_event(raw: Any) -> WatchEvent:
         value=bytes(prev.value) if prev is not None else b"",
         create_revision=int(prev.create_revision) if prev is not None else 0,
         mod_revision=int(kv.mod_revision),
+        lease=int(prev.lease) if prev is not None else 0,
     )
 
 

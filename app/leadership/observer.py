@@ -64,7 +64,7 @@ class LeaderObserver:
                             value=event.value,
                             create_revision=event.create_revision,
                             mod_revision=event.mod_revision,
-                            lease=0,
+                            lease=event.lease,
                         )
                     self._update(candidates)
             except asyncio.CancelledError:
@@ -74,7 +74,10 @@ class LeaderObserver:
                 await asyncio.sleep(0.2)
 
     def _update(self, candidates: dict[str, KeyValue]) -> None:
-        ordered = sorted(candidates.values(), key=lambda kv: kv.create_revision)
+        # Only keys with a lease are candidates (see Elector._wait_for_predecessors).
+        ordered = sorted(
+            (kv for kv in candidates.values() if kv.lease), key=lambda kv: kv.create_revision
+        )
         self.candidates = [_info(kv, since="") for kv in ordered]
         if not ordered:
             if self.leader is not None:

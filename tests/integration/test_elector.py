@@ -18,6 +18,7 @@ from app.errors import LeadershipLost
 from app.leadership.elector import ElectionConfig, Elector
 from app.leadership.etcd import EtcdClient
 from app.leadership.keepalive import LoopWatchdog
+from app.leadership.observer import LeaderObserver
 from app.leadership.term import Term
 from app.stack.etcd import EtcdCluster
 
@@ -188,3 +189,31 @@ async def test_a_stalled_subscriber_is_stepped_down_after_the_stall_limit(
         gap = subscriber.started[1] - subscriber.started[0]
         assert limit <= gap < limit + 5
         assert elector.stats.transitions.get("lost", 0) >= 1
+
+
+async def test_a_key_without_a_lease_under_the_prefix_neither_blocks_nor_leads(
+    etcd: EtcdCluster, prefix: str
+) -> None:
+    # Anyone who can write to etcd can plant a key with no lease, older than every candidate.
+    planted = f"{prefix}0000000000000000"
+    async with EtcdClient(etcd.endpoints, timeout=1.0) as client:
+        created, kv, _ = await client.create_if_absent(planted, b'{"node_id": "intruder"}', 0)
+        assert created
+        assert kv is not None
+        assert kv.lease == 0
+    subscriber = Subscriber()
+    async with running(etcd, prefix, "honest", subscriber) as elector:
+        await until(lambda: elector.is_leader, "the only real candidate leads")
+        observer = LeaderObserver(config(etcd, prefix, "watcher"), elector.client)
+        watching = asyncio.create_task(observer.run())
+        try:
+            await until(lambda: observer.leader is not None, "the observer names a leader")
+            assert observer.leader is not None
+            assert observer.leader.node_id == "honest"
+            assert [c.node_id for c in observer.candidates] == ["honest"]
+        finally:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+    async with EtcdClient(etcd.endpoints, timeout=1.0) as client:
+        kv, _ = await client.get(planted)
+        assert kv is not None, "the elector never deletes what it does not own"
