@@ -22,9 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 import structlog
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from app.dispatch.provider import ProviderClient
 from app.domain.outcome import Charge
@@ -43,7 +41,8 @@ from app.leadership.term import Term
 from app.obs.metrics import Metrics
 from app.settings import Settings
 from app.store import payments as queue
-from app.store.engine import translate
+from app.store.engine import Connection, Engine, translate
+from app.store.listen import listen_forever
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +70,7 @@ class Dispatcher:
     def __init__(
         self,
         settings: Settings,
-        engine: AsyncEngine,
+        engine: Engine,
         provider: ProviderClient,
         leadership: Term,
         stats: DispatchStats,
@@ -431,7 +430,7 @@ class Dispatcher:
             async with contextlib.AsyncExitStack() as stack:
                 if timeout is not None:
                     await stack.enter_async_context(asyncio.timeout(timeout))
-                conn: AsyncConnection = await stack.enter_async_context(self.engine.begin())
+                conn: Connection = await stack.enter_async_context(self.engine.begin())
                 await conn.execute(
                     queue.ASSERT_FENCE, {"fence": self.settings.fence_name, "token": self.token}
                 )
@@ -448,25 +447,10 @@ class Dispatcher:
             raise typed from exc
 
     async def _listen(self) -> None:
-        """LISTEN on a dedicated connection; re-LISTEN after any reconnect. Polling covers
-        notifications lost while disconnected."""
-        while True:
-            conn = None
-            try:
-                conn = await asyncpg.connect(
-                    self.settings.asyncpg_dsn, timeout=self.settings.db_timeout
-                )
-                await conn.add_listener(self.settings.notify_channel, lambda *_: self._wake.set())
-                closed = asyncio.Event()
-                conn.add_termination_listener(lambda *_, ev=closed: ev.set())
-                self._wake.set()  # anything inserted while we were not listening
-                await closed.wait()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.debug("LISTEN connection lost (%s); polling until it is back", exc)
-                await asyncio.sleep(0.5)
-            finally:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(conn.close(), 1.0)
+        """Wake the claim loop on every insert notification; polling covers the gaps."""
+        await listen_forever(
+            self.settings.database_url,
+            self.settings.notify_channel,
+            self._wake.set,
+            connect_timeout=self.settings.db_timeout,
+        )
