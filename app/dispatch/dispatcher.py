@@ -13,14 +13,12 @@ leader exists, and is rejected (and counted) if one does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import structlog
 
@@ -40,8 +38,9 @@ from app.errors import (
 from app.leadership.term import Term
 from app.obs.metrics import Metrics
 from app.settings import Settings
-from app.store import payments as queue
-from app.store.engine import Connection, Engine, translate
+from app.store import payments
+from app.store.engine import Engine
+from app.store.fence import FencedWriter
 from app.store.listen import listen_forever
 
 log = logging.getLogger(__name__)
@@ -86,6 +85,9 @@ class Dispatcher:
         # Monotonic time of the last completed claim round: DispatchLeader ends a term
         # whose dispatcher stops making progress.
         self.last_progress = time.monotonic()
+        self.fenced = FencedWriter(
+            engine, fence_name=settings.fence_name, token=self.token, on_stale=self._fenced_out
+        )
         self.retry = RetryPolicy(
             max_attempts=settings.max_attempts,
             base_delay=settings.retry_base_delay,
@@ -184,9 +186,9 @@ class Dispatcher:
     # --- claiming and calling -------------------------------------------------------------
 
     async def _claim(self, limit: int) -> list[Claimed]:
-        async with self._leader_tx(self.leadership.call_timeout(self.settings.db_timeout)) as conn:
-            rows = await conn.execute(queue.CLAIM, {"limit": limit, "token": self.token})
-            claimed = [Claimed(*row) for row in rows]
+        timeout = self.leadership.call_timeout(self.settings.db_timeout)
+        async with self.fenced.transaction(timeout) as conn:
+            claimed = await payments.claim(conn, token=self.token, limit=limit)
         if claimed:
             self.stats.claimed += len(claimed)
             self.stats.batches += 1
@@ -299,31 +301,9 @@ class Dispatcher:
             await self._record(batch)
 
     async def _record(self, batch: list[Outcome]) -> None:
-        params: dict[str, Any] = {"token": self.token, "node": self.settings.node_id}
-        async with self._leader_tx(self.settings.db_timeout) as conn:
-            await conn.execute(
-                queue.RECORD_OUTCOMES,
-                {
-                    **params,
-                    "ids": [o.payment_id for o in batch],
-                    "statuses": [o.status.value for o in batch],
-                    "charge_ids": [o.charge_id for o in batch],
-                    "errors": [o.error for o in batch],
-                    "delays": [o.delay for o in batch],
-                },
-            )
-            await conn.execute(
-                queue.RECORD_ATTEMPTS,
-                {
-                    **params,
-                    "ids": [o.payment_id for o in batch],
-                    "attempts": [o.attempt for o in batch],
-                    "started": [o.started for o in batch],
-                    "finished": [o.finished for o in batch],
-                    "outcomes": [o.attempt_outcome for o in batch],
-                    "https": [o.http_status for o in batch],
-                    "errors": [o.error for o in batch],
-                },
+        async with self.fenced.transaction(self.settings.db_timeout) as conn:
+            await payments.record_outcomes(
+                conn, token=self.token, node=self.settings.node_id, outcomes=batch
             )
         for outcome in batch:
             self._claimed.discard(outcome.payment_id)
@@ -358,12 +338,10 @@ class Dispatcher:
             async with asyncio.timeout(min(self.settings.db_timeout, 2.0)):
                 await self._flush_outcomes()
                 if self._claimed:
-                    async with self._leader_tx(None) as conn:
-                        await conn.execute(
-                            queue.RELEASE, {"token": self.token, "ids": sorted(self._claimed)}
-                        )
+                    async with self.fenced.transaction(None) as conn:
+                        await payments.release(conn, token=self.token, ids=self._claimed)
         except StaleLeader:
-            pass  # counted and logged in _leader_tx
+            pass  # counted and logged in _fenced_out
         except (DatabaseUnavailable, TimeoutError) as exc:
             log.warning(
                 "token %s: could not record/release on the way out (the next leader "
@@ -377,11 +355,10 @@ class Dispatcher:
     async def _recover(self) -> None:
         """Before claiming anything: re-queue every payment an older leader left in flight."""
         timeout = self.leadership.call_timeout(self.settings.db_timeout)
-        async with self._leader_tx(timeout) as conn:
-            rows = await conn.execute(
-                queue.RECOVER, {"token": self.token, "node": self.settings.node_id}
+        async with self.fenced.transaction(timeout) as conn:
+            recovered = len(
+                await payments.recover(conn, token=self.token, node=self.settings.node_id)
             )
-            recovered = len(rows.fetchall())
         if recovered:
             self.stats.recovered += recovered
             log.info(
@@ -397,54 +374,36 @@ class Dispatcher:
 
     async def _reconcile_once(self) -> None:
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(queue.RECONCILE_CANDIDATES, {"limit": 50})).fetchall()
-        for payment_id, key in rows:
+            candidates = await payments.reconcile_candidates(conn, limit=50)
+        for candidate in candidates:
             try:
                 timeout = self.leadership.call_timeout(self.settings.provider_timeout)
-                charge = await self.provider.find_by_key(key, timeout=timeout)
+                charge = await self.provider.find_by_key(candidate.idempotency_key, timeout=timeout)
             except (RetryableProviderError, UnknownOutcome) as exc:
-                log.warning("reconcile of payment %s deferred: %s", payment_id, exc)
+                log.warning("reconcile of payment %s deferred: %s", candidate.id, exc)
                 return
             if charge is None:
                 continue  # never charged: an operator decides (retry or fail)
-            status = "declined" if charge.status == "declined" else "succeeded"
-            async with self._leader_tx(self.leadership.call_timeout(self.settings.db_timeout)) as c:
-                await c.execute(
-                    queue.RECONCILE,
-                    {
-                        "id": payment_id,
-                        "status": status,
-                        "charge_id": charge.charge_id,
-                        "error": None,
-                        "token": self.token,
-                    },
+            status = (
+                PaymentStatus.DECLINED if charge.status == "declined" else PaymentStatus.SUCCEEDED
+            )
+            timeout = self.leadership.call_timeout(self.settings.db_timeout)
+            async with self.fenced.transaction(timeout) as conn:
+                await payments.settle_reconciled(
+                    conn,
+                    token=self.token,
+                    payment_id=candidate.id,
+                    status=status,
+                    charge_id=charge.charge_id,
                 )
             self.stats.reconciled += 1
 
     # --- plumbing -------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _leader_tx(self, timeout: float | None) -> Any:
-        """A transaction that opens with the fence assertion; errors become typed."""
-        try:
-            async with contextlib.AsyncExitStack() as stack:
-                if timeout is not None:
-                    await stack.enter_async_context(asyncio.timeout(timeout))
-                conn: Connection = await stack.enter_async_context(self.engine.begin())
-                await conn.execute(
-                    queue.ASSERT_FENCE, {"fence": self.settings.fence_name, "token": self.token}
-                )
-                yield conn
-        except (StaleLeader, LeadershipLost, asyncio.CancelledError, TimeoutError):
-            raise
-        except Exception as exc:
-            typed = translate(exc)
-            if isinstance(typed, StaleLeader):
-                self.stats.stale_writes_rejected += 1
-                log.warning("write with token %s rejected by the fence: %s", self.token, typed)
-            if typed is None:
-                raise
-            raise typed from exc
+    def _fenced_out(self, exc: StaleLeader) -> None:
+        """A write of this term was refused by the fence: count it, say so."""
+        self.stats.stale_writes_rejected += 1
+        log.warning("write with token %s rejected by the fence: %s", self.token, exc)
 
     async def _listen(self) -> None:
         """Wake the claim loop on every insert notification; polling covers the gaps."""

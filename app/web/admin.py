@@ -4,7 +4,6 @@ recorded in ``admin_actions`` (who — a key fingerprint, never the key — what
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
 import aiohttp
@@ -14,7 +13,7 @@ from app.dispatch.provider import ProviderClient
 from app.domain.payment import Payment
 from app.domain.states import PaymentStatus
 from app.errors import RetryableProviderError, UnknownOutcome
-from app.store import payments as queue
+from app.store import payments
 from app.web.auth import bearer_token
 from app.web.problems import problem
 from app.web.schemas import json_response
@@ -36,16 +35,14 @@ async def audit(
 ) -> None:
     """Append one admin action to the audit table."""
     async with request.app[ENGINE].begin() as conn:
-        await conn.execute(
-            queue.AUDIT,
-            {
-                "actor": actor(request),
-                "node": request.app[SETTINGS].node_id,
-                "action": action,
-                "payment_id": payment_id,
-                "outcome": outcome,
-                "detail": json.dumps(detail),
-            },
+        await payments.audit(
+            conn,
+            actor=actor(request),
+            node=request.app[SETTINGS].node_id,
+            action=action,
+            outcome=outcome,
+            payment_id=payment_id,
+            detail=detail,
         )
 
 
@@ -58,7 +55,7 @@ async def _load(request: web.Request, payment_id: int | None) -> Payment | None:
     if payment_id is None:
         return None
     async with request.app[ENGINE].connect() as conn:
-        return await queue.get_payment(conn, payment_id)
+        return await payments.get_payment(conn, payment_id)
 
 
 async def retry_payment(request: web.Request) -> web.Response:
@@ -77,16 +74,10 @@ async def retry_payment(request: web.Request) -> web.Response:
             "needs_reconciliation payments can be retried",
         )
     async with request.app[ENGINE].begin() as conn:
-        row = (
-            await conn.execute(
-                queue.ADMIN_RETRY,
-                {
-                    "id": payment.id,
-                    "fence": request.app[SETTINGS].fence_name,
-                },
-            )
-        ).first()
-    if row is None:  # it moved on between the read and the write (claimed, settled)
+        requeued = await payments.admin_requeue(
+            conn, payment_id=payment.id, fence_name=request.app[SETTINGS].fence_name
+        )
+    if not requeued:  # it moved on between the read and the write (claimed, settled)
         return problem(409, "Payment changed meanwhile", "read it again and decide again")
     await audit(request, "retry", "requeued", payment.id, previous=payment.status.value)
     return json_response({"id": payment.id, "status": "pending", "previous": payment.status})
@@ -123,18 +114,14 @@ async def reconcile_payment(request: web.Request) -> web.Response:
             "retry the payment (same key) or leave it for investigation",
         )
     async with request.app[ENGINE].begin() as conn:
-        row = (
-            await conn.execute(
-                queue.ADMIN_SETTLE,
-                {
-                    "id": payment.id,
-                    "status": charge.status,
-                    "charge_id": charge.charge_id,
-                    "fence": settings.fence_name,
-                },
-            )
-        ).first()
-    if row is None:
+        settled = await payments.admin_settle(
+            conn,
+            payment_id=payment.id,
+            status=PaymentStatus(charge.status),
+            charge_id=charge.charge_id,
+            fence_name=settings.fence_name,
+        )
+    if not settled:
         return problem(409, "Payment changed meanwhile", "read it again and decide again")
     await audit(request, "reconcile", charge.status, payment.id, charge_id=charge.charge_id)
     return json_response(
