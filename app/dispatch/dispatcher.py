@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
+from app.dispatch import reconcile
 from app.dispatch.provider import ProviderClient
 from app.domain.outcome import Charge
 from app.domain.payment import Claimed, Outcome
@@ -373,30 +374,28 @@ class Dispatcher:
             await self._reconcile_once()
 
     async def _reconcile_once(self) -> None:
-        async with self.engine.connect() as conn:
-            candidates = await payments.reconcile_candidates(conn, limit=50)
-        for candidate in candidates:
-            try:
-                timeout = self.leadership.call_timeout(self.settings.provider_timeout)
-                charge = await self.provider.find_by_key(candidate.idempotency_key, timeout=timeout)
-            except (RetryableProviderError, UnknownOutcome) as exc:
-                log.warning("reconcile of payment %s deferred: %s", candidate.id, exc)
-                return
-            if charge is None:
-                continue  # never charged: an operator decides (retry or fail)
-            status = (
-                PaymentStatus.DECLINED if charge.status == "declined" else PaymentStatus.SUCCEEDED
+        await reconcile.sweep(
+            self.engine,
+            self.provider,
+            lookup_timeout=lambda: self.leadership.call_timeout(self.settings.provider_timeout),
+            settle=self._settle_reconciled,
+        )
+
+    async def _settle_reconciled(self, settlement: reconcile.Settlement) -> bool:
+        """The leader's way of writing a settlement: a fenced write stamped with our token."""
+        timeout = self.leadership.call_timeout(self.settings.db_timeout)
+        async with self.fenced.transaction(timeout) as conn:
+            settled = await payments.settle_reconciled(
+                conn,
+                token=self.token,
+                payment_id=settlement.payment_id,
+                status=settlement.status,
+                charge_id=settlement.charge_id,
             )
-            timeout = self.leadership.call_timeout(self.settings.db_timeout)
-            async with self.fenced.transaction(timeout) as conn:
-                await payments.settle_reconciled(
-                    conn,
-                    token=self.token,
-                    payment_id=candidate.id,
-                    status=status,
-                    charge_id=charge.charge_id,
-                )
+        # Counted as each one lands, so a sweep the fence cuts short still counts its work.
+        if settled:
             self.stats.reconciled += 1
+        return settled
 
     # --- plumbing -------------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ import aiohttp
 from aiohttp import web
 
 from app.dispatch.provider import ProviderClient
-from app.domain.payment import Payment
+from app.dispatch.reconcile import Settlement, reconcile_one
+from app.domain.payment import Payment, ReconcileCandidate
 from app.domain.states import PaymentStatus
 from app.errors import RetryableProviderError, UnknownOutcome
 from app.store import payments
@@ -97,15 +98,30 @@ async def reconcile_payment(request: web.Request) -> web.Response:
             "Nothing to reconcile",
             f"payment {payment.id} is {payment.status.value}, not needs_reconciliation",
         )
+
+    async def settle(settlement: Settlement) -> bool:
+        async with request.app[ENGINE].begin() as conn:
+            return await payments.admin_settle(
+                conn,
+                payment_id=settlement.payment_id,
+                status=settlement.status,
+                charge_id=settlement.charge_id,
+                fence_name=settings.fence_name,
+            )
+
+    candidate = ReconcileCandidate(payment.id, payment.idempotency_key)
     try:
         async with aiohttp.ClientSession() as http:
-            charge = await ProviderClient(settings.provider_url, http).find_by_key(
-                payment.idempotency_key, timeout=settings.provider_timeout
+            done = await reconcile_one(
+                ProviderClient(settings.provider_url, http),
+                candidate,
+                timeout=settings.provider_timeout,
+                settle=settle,
             )
     except (RetryableProviderError, UnknownOutcome) as exc:
         await audit(request, "reconcile", "provider_unavailable", payment.id, error=str(exc))
         return problem(503, "Provider unavailable", str(exc), headers={"Retry-After": "5"})
-    if charge is None:
+    if done.settlement is None:
         await audit(request, "reconcile", "no_charge_found", payment.id)
         return problem(
             409,
@@ -113,19 +129,12 @@ async def reconcile_payment(request: web.Request) -> web.Response:
             f"the provider has no charge for key {payment.idempotency_key!r}; "
             "retry the payment (same key) or leave it for investigation",
         )
-    async with request.app[ENGINE].begin() as conn:
-        settled = await payments.admin_settle(
-            conn,
-            payment_id=payment.id,
-            status=PaymentStatus(charge.status),
-            charge_id=charge.charge_id,
-            fence_name=settings.fence_name,
-        )
-    if not settled:
+    if not done.applied:
         return problem(409, "Payment changed meanwhile", "read it again and decide again")
-    await audit(request, "reconcile", charge.status, payment.id, charge_id=charge.charge_id)
+    settled = done.settlement
+    await audit(request, "reconcile", settled.status.value, payment.id, charge_id=settled.charge_id)
     return json_response(
-        {"id": payment.id, "status": charge.status, "provider_charge_id": charge.charge_id}
+        {"id": payment.id, "status": settled.status, "provider_charge_id": settled.charge_id}
     )
 
 
