@@ -16,6 +16,7 @@ from app.domain.states import PaymentStatus
 from app.errors import RetryableProviderError, UnknownOutcome
 from app.store import payments
 from app.web.auth import bearer_token
+from app.web.params import parse_id
 from app.web.problems import problem
 from app.web.schemas import json_response
 from app.web.state import ELECTOR, ENGINE, OBSERVER, SETTINGS
@@ -48,8 +49,9 @@ async def audit(
 
 
 def _payment_id(request: web.Request) -> int | None:
-    raw = request.match_info["id"]
-    return int(raw) if raw.isascii() and raw.isdigit() and 0 < int(raw) < 2**63 else None
+    # The shared parser: an id that is no positive 63-bit integer names no payment (404),
+    # however long it is.
+    return parse_id(request.match_info["id"])
 
 
 async def _load(request: web.Request, payment_id: int | None) -> Payment | None:
