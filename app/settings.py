@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from typing import Annotated, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     database_url: str = Field(
         "postgresql://postgres@127.0.0.1:5432/paydispatch",
         description="Postgres URL, plain postgresql:// form; the Unix-socket form "
-        "postgresql://user@/db?host=/dir works too. The asyncpg driver is chosen here.",
+        "postgresql://user@/db?host=/dir works too. The app picks the driver itself.",
     )
     etcd_endpoints: CsvTuple = Field(
         ("127.0.0.1:2379",),
@@ -157,7 +157,9 @@ class Settings(BaseSettings):
     @classmethod
     def _check_database_url(cls, value: str) -> str:
         scheme = urlsplit(value).scheme
-        if scheme not in {"postgresql", "postgres", "postgresql+asyncpg"}:
+        # A driver suffix (postgresql+<driver>://) is accepted and ignored: the store picks
+        # the driver itself (app.store.engine), so settings need not know its name.
+        if scheme not in {"postgresql", "postgres"} and not scheme.startswith("postgresql+"):
             raise ValueError(f"must start with postgresql:// (got {scheme or 'no scheme'}://...)")
         return value
 
@@ -178,24 +180,9 @@ class Settings(BaseSettings):
         return self.advertise_url or f"http://{self.host}:{self.port}"
 
     @property
-    def sqlalchemy_url(self) -> str:
-        """DATABASE_URL with the asyncpg driver SQLAlchemy needs."""
-        return _with_scheme(self.database_url, "postgresql+asyncpg")
-
-    @property
-    def asyncpg_dsn(self) -> str:
-        """DATABASE_URL as a plain libpq-style DSN asyncpg accepts directly."""
-        return _with_scheme(self.database_url, "postgresql")
-
-    @property
     def election_prefix(self) -> str:
         """etcd key prefix under which candidates of this cluster campaign."""
         return f"/paydispatch/{self.cluster_name}/election/"
-
-
-def _with_scheme(url: str, scheme: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((scheme, *parts[1:]))
 
 
 S = TypeVar("S", bound=BaseSettings)

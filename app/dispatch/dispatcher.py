@@ -13,19 +13,16 @@ leader exists, and is rejected (and counted) if one does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-import asyncpg
 import structlog
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from app.dispatch import reconcile
 from app.dispatch.provider import ProviderClient
 from app.domain.outcome import Charge
 from app.domain.payment import Claimed, Outcome
@@ -42,8 +39,10 @@ from app.errors import (
 from app.leadership.term import Term
 from app.obs.metrics import Metrics
 from app.settings import Settings
-from app.store import payments as queue
-from app.store.engine import translate
+from app.store import payments
+from app.store.engine import Engine
+from app.store.fence import FencedWriter
+from app.store.listen import listen_forever
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +70,7 @@ class Dispatcher:
     def __init__(
         self,
         settings: Settings,
-        engine: AsyncEngine,
+        engine: Engine,
         provider: ProviderClient,
         leadership: Term,
         stats: DispatchStats,
@@ -87,6 +86,9 @@ class Dispatcher:
         # Monotonic time of the last completed claim round: DispatchLeader ends a term
         # whose dispatcher stops making progress.
         self.last_progress = time.monotonic()
+        self.fenced = FencedWriter(
+            engine, fence_name=settings.fence_name, token=self.token, on_stale=self._fenced_out
+        )
         self.retry = RetryPolicy(
             max_attempts=settings.max_attempts,
             base_delay=settings.retry_base_delay,
@@ -185,9 +187,9 @@ class Dispatcher:
     # --- claiming and calling -------------------------------------------------------------
 
     async def _claim(self, limit: int) -> list[Claimed]:
-        async with self._leader_tx(self.leadership.call_timeout(self.settings.db_timeout)) as conn:
-            rows = await conn.execute(queue.CLAIM, {"limit": limit, "token": self.token})
-            claimed = [Claimed(*row) for row in rows]
+        timeout = self.leadership.call_timeout(self.settings.db_timeout)
+        async with self.fenced.transaction(timeout) as conn:
+            claimed = await payments.claim(conn, token=self.token, limit=limit)
         if claimed:
             self.stats.claimed += len(claimed)
             self.stats.batches += 1
@@ -300,31 +302,9 @@ class Dispatcher:
             await self._record(batch)
 
     async def _record(self, batch: list[Outcome]) -> None:
-        params: dict[str, Any] = {"token": self.token, "node": self.settings.node_id}
-        async with self._leader_tx(self.settings.db_timeout) as conn:
-            await conn.execute(
-                queue.RECORD_OUTCOMES,
-                {
-                    **params,
-                    "ids": [o.payment_id for o in batch],
-                    "statuses": [o.status.value for o in batch],
-                    "charge_ids": [o.charge_id for o in batch],
-                    "errors": [o.error for o in batch],
-                    "delays": [o.delay for o in batch],
-                },
-            )
-            await conn.execute(
-                queue.RECORD_ATTEMPTS,
-                {
-                    **params,
-                    "ids": [o.payment_id for o in batch],
-                    "attempts": [o.attempt for o in batch],
-                    "started": [o.started for o in batch],
-                    "finished": [o.finished for o in batch],
-                    "outcomes": [o.attempt_outcome for o in batch],
-                    "https": [o.http_status for o in batch],
-                    "errors": [o.error for o in batch],
-                },
+        async with self.fenced.transaction(self.settings.db_timeout) as conn:
+            await payments.record_outcomes(
+                conn, token=self.token, node=self.settings.node_id, outcomes=batch
             )
         for outcome in batch:
             self._claimed.discard(outcome.payment_id)
@@ -359,12 +339,10 @@ class Dispatcher:
             async with asyncio.timeout(min(self.settings.db_timeout, 2.0)):
                 await self._flush_outcomes()
                 if self._claimed:
-                    async with self._leader_tx(None) as conn:
-                        await conn.execute(
-                            queue.RELEASE, {"token": self.token, "ids": sorted(self._claimed)}
-                        )
+                    async with self.fenced.transaction(None) as conn:
+                        await payments.release(conn, token=self.token, ids=self._claimed)
         except StaleLeader:
-            pass  # counted and logged in _leader_tx
+            pass  # counted and logged in _fenced_out
         except (DatabaseUnavailable, TimeoutError) as exc:
             log.warning(
                 "token %s: could not record/release on the way out (the next leader "
@@ -378,11 +356,10 @@ class Dispatcher:
     async def _recover(self) -> None:
         """Before claiming anything: re-queue every payment an older leader left in flight."""
         timeout = self.leadership.call_timeout(self.settings.db_timeout)
-        async with self._leader_tx(timeout) as conn:
-            rows = await conn.execute(
-                queue.RECOVER, {"token": self.token, "node": self.settings.node_id}
+        async with self.fenced.transaction(timeout) as conn:
+            recovered = len(
+                await payments.recover(conn, token=self.token, node=self.settings.node_id)
             )
-            recovered = len(rows.fetchall())
         if recovered:
             self.stats.recovered += recovered
             log.info(
@@ -397,76 +374,41 @@ class Dispatcher:
             await self._reconcile_once()
 
     async def _reconcile_once(self) -> None:
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(queue.RECONCILE_CANDIDATES, {"limit": 50})).fetchall()
-        for payment_id, key in rows:
-            try:
-                timeout = self.leadership.call_timeout(self.settings.provider_timeout)
-                charge = await self.provider.find_by_key(key, timeout=timeout)
-            except (RetryableProviderError, UnknownOutcome) as exc:
-                log.warning("reconcile of payment %s deferred: %s", payment_id, exc)
-                return
-            if charge is None:
-                continue  # never charged: an operator decides (retry or fail)
-            status = "declined" if charge.status == "declined" else "succeeded"
-            async with self._leader_tx(self.leadership.call_timeout(self.settings.db_timeout)) as c:
-                await c.execute(
-                    queue.RECONCILE,
-                    {
-                        "id": payment_id,
-                        "status": status,
-                        "charge_id": charge.charge_id,
-                        "error": None,
-                        "token": self.token,
-                    },
-                )
+        await reconcile.sweep(
+            self.engine,
+            self.provider,
+            lookup_timeout=lambda: self.leadership.call_timeout(self.settings.provider_timeout),
+            settle=self._settle_reconciled,
+        )
+
+    async def _settle_reconciled(self, settlement: reconcile.Settlement) -> bool:
+        """The leader's way of writing a settlement: a fenced write stamped with our token."""
+        timeout = self.leadership.call_timeout(self.settings.db_timeout)
+        async with self.fenced.transaction(timeout) as conn:
+            settled = await payments.settle_reconciled(
+                conn,
+                token=self.token,
+                payment_id=settlement.payment_id,
+                status=settlement.status,
+                charge_id=settlement.charge_id,
+            )
+        # Counted as each one lands, so a sweep the fence cuts short still counts its work.
+        if settled:
             self.stats.reconciled += 1
+        return settled
 
     # --- plumbing -------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _leader_tx(self, timeout: float | None) -> Any:
-        """A transaction that opens with the fence assertion; errors become typed."""
-        try:
-            async with contextlib.AsyncExitStack() as stack:
-                if timeout is not None:
-                    await stack.enter_async_context(asyncio.timeout(timeout))
-                conn: AsyncConnection = await stack.enter_async_context(self.engine.begin())
-                await conn.execute(
-                    queue.ASSERT_FENCE, {"fence": self.settings.fence_name, "token": self.token}
-                )
-                yield conn
-        except (StaleLeader, LeadershipLost, asyncio.CancelledError, TimeoutError):
-            raise
-        except Exception as exc:
-            typed = translate(exc)
-            if isinstance(typed, StaleLeader):
-                self.stats.stale_writes_rejected += 1
-                log.warning("write with token %s rejected by the fence: %s", self.token, typed)
-            if typed is None:
-                raise
-            raise typed from exc
+    def _fenced_out(self, exc: StaleLeader) -> None:
+        """A write of this term was refused by the fence: count it, say so."""
+        self.stats.stale_writes_rejected += 1
+        log.warning("write with token %s rejected by the fence: %s", self.token, exc)
 
     async def _listen(self) -> None:
-        """LISTEN on a dedicated connection; re-LISTEN after any reconnect. Polling covers
-        notifications lost while disconnected."""
-        while True:
-            conn = None
-            try:
-                conn = await asyncpg.connect(
-                    self.settings.asyncpg_dsn, timeout=self.settings.db_timeout
-                )
-                await conn.add_listener(self.settings.notify_channel, lambda *_: self._wake.set())
-                closed = asyncio.Event()
-                conn.add_termination_listener(lambda *_, ev=closed: ev.set())
-                self._wake.set()  # anything inserted while we were not listening
-                await closed.wait()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.debug("LISTEN connection lost (%s); polling until it is back", exc)
-                await asyncio.sleep(0.5)
-            finally:
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(conn.close(), 1.0)
+        """Wake the claim loop on every insert notification; polling covers the gaps."""
+        await listen_forever(
+            self.settings.database_url,
+            self.settings.notify_channel,
+            self._wake.set,
+            connect_timeout=self.settings.db_timeout,
+        )

@@ -177,3 +177,11 @@ class Outcome:
     delay: float
     started: datetime
     finished: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileCandidate:
+    """A needs_reconciliation payment, as reconciliation looks it up in the provider's ledger."""
+
+    id: int
+    idempotency_key: str

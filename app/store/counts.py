@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
-from app.domain.states import PaymentStatus
-from app.store import payments as queue
+from app.store import payments
+from app.store.engine import Engine
 
 CACHE_SECONDS = 2.0
 
@@ -17,7 +15,7 @@ CACHE_SECONDS = 2.0
 class StatusCounts:
     """``counts()`` → {status: n} for every status, at most CACHE_SECONDS old."""
 
-    def __init__(self, engine: AsyncEngine, timeout: float) -> None:
+    def __init__(self, engine: Engine, timeout: float) -> None:
         self.engine = engine
         self.timeout = timeout
         self._at = 0.0
@@ -33,8 +31,7 @@ class StatusCounts:
         async with self._lock:
             if time.monotonic() - self._at > CACHE_SECONDS:
                 async with asyncio.timeout(self.timeout), self.engine.connect() as conn:
-                    rows = (await conn.execute(queue.COUNT_BY_STATUS)).all()
-                found = {str(status): int(n) for status, n in rows}
-                self._value = {s.value: found.get(s.value, 0) for s in PaymentStatus}
+                    counts = await payments.count_by_status(conn)
+                self._value = {status.value: n for status, n in counts.items()}
                 self._at = time.monotonic()
             return dict(self._value)

@@ -1,12 +1,18 @@
-"""Engine construction and the mapping of Postgres failures onto typed errors."""
+"""Engine construction and the mapping of Postgres failures onto typed errors.
+
+The rest of the application names the database's handles only through ``Engine`` and
+``Connection`` below: which driver and which SQL toolkit sit behind them is this package's
+business alone.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeAlias
+from urllib.parse import urlsplit, urlunsplit
 
 import sqlalchemy.exc
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from app.errors import DatabaseUnavailable, PaydispatchError, StaleLeader, TerminalStateViolation
 from app.settings import Settings
@@ -21,6 +27,11 @@ SQLSTATE_APPEND_ONLY = "PDA01"
 
 # Postgres is down, restarting or refusing connections: worth retrying later.
 _UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "57P", "53300")
+
+
+# The handles callers pass around (a pool, and one connection or transaction from it).
+Engine: TypeAlias = AsyncEngine
+Connection: TypeAlias = AsyncConnection
 
 
 class IntegrityViolation(PaydispatchError):
@@ -51,7 +62,7 @@ def create_engine(
         server_settings["idle_in_transaction_session_timeout"] = str(idle_ms)
         server_settings["statement_timeout"] = str(int(settings.db_timeout * 1000))
     return create_async_engine(
-        settings.sqlalchemy_url,
+        engine_url(settings.database_url),
         **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
         pool_size=pool_size or settings.db_pool_size,
         max_overflow=0,
@@ -67,6 +78,21 @@ def create_engine(
             "server_settings": server_settings,
         },
     )
+
+
+def engine_url(database_url: str) -> str:
+    """DATABASE_URL with the driver SQLAlchemy needs (the app picks it, not the operator)."""
+    return _with_scheme(database_url, "postgresql+asyncpg")
+
+
+def driver_dsn(database_url: str) -> str:
+    """DATABASE_URL as a plain libpq-style DSN the driver accepts directly (LISTEN)."""
+    return _with_scheme(database_url, "postgresql")
+
+
+def _with_scheme(url: str, scheme: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((scheme, *parts[1:]))
 
 
 def sqlstate_of(exc: BaseException) -> str | None:
@@ -128,7 +154,3 @@ async def ping(engine: AsyncEngine) -> None:
     """One round trip to Postgres (readiness); raises whatever the driver raises."""
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
-
-
-# The engine type callers outside the store name (they never import SQLAlchemy themselves).
-Engine = AsyncEngine

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 import migrations
 from app.settings import Settings
-from app.store.engine import translate
+from app.store.engine import engine_url, translate
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def alembic_config(settings: Settings) -> Config:
     """An Alembic config pointing at the packaged ``migrations`` directory."""
     config = Config()
     config.set_main_option("script_location", str(Path(migrations.__file__).parent))
-    config.set_main_option("sqlalchemy.url", settings.sqlalchemy_url.replace("%", "%%"))
+    config.set_main_option("sqlalchemy.url", engine_url(settings.database_url).replace("%", "%%"))
     config.attributes["fence_name"] = settings.fence_name
     config.attributes["notify_channel"] = settings.notify_channel
     return config
@@ -60,7 +60,7 @@ async def migrate(settings: Settings) -> tuple[str | None, str]:
 
 async def _migrate(settings: Settings) -> tuple[str | None, str]:
     config = alembic_config(settings)
-    engine = create_async_engine(settings.sqlalchemy_url, pool_size=1, max_overflow=0)
+    engine = create_async_engine(engine_url(settings.database_url), pool_size=1, max_overflow=0)
     try:
         async with engine.connect() as conn:
             # Session-level lock on its own connection, held across Alembic's transactions.

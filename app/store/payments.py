@@ -1,41 +1,52 @@
-"""The payments queue: every SQL statement that reads or writes ``payments``, in one place.
+"""The payments queue: every SQL statement on ``payments``, ``payment_attempts`` and
+``admin_actions``, in one place, behind typed functions.
+
+Callers pass a ``Connection`` (``app.store.engine``) and get domain types back; the statements
+themselves are private, and rows become dataclasses by column name, never by position.
 
 Ingest (any replica) only inserts, with no fencing token. Leader statements (claim, record,
-recover) carry the leader's token on every row they touch; the fence trigger checks it.
+recover, release, settle) carry the leader's token on every row they touch and run inside a
+fenced transaction (``app.store.fence.FencedWriter``); the fence trigger checks the token.
+Operator statements are stamped with the fence's current token.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.domain.payment import Payment, PaymentRequest
+from app.domain.payment import Claimed, Outcome, Payment, PaymentRequest, ReconcileCandidate
 from app.domain.states import PaymentStatus
+from app.store.engine import Connection
 
-PAYMENT_COLUMNS = (
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_PAYMENT_COLUMNS = (
     "id, idempotency_key, request_fingerprint, amount, currency, reference, description, "
     "metadata, status, attempts, next_attempt_at, fence_token, provider_charge_id, "
     "last_error, created_at, updated_at, completed_at"
 )
 
-INSERT_PAYMENT = text(
+_INSERT_PAYMENT = text(
     f"""
     INSERT INTO payments (idempotency_key, request_fingerprint, amount, currency, reference,
                           description, metadata)
     VALUES (:key, :fingerprint, :amount, :currency, :reference, :description,
             CAST(:metadata AS jsonb))
     ON CONFLICT (idempotency_key) DO NOTHING
-    RETURNING {PAYMENT_COLUMNS}
+    RETURNING {_PAYMENT_COLUMNS}
     """
 )
-SELECT_BY_KEY = text(f"SELECT {PAYMENT_COLUMNS} FROM payments WHERE idempotency_key = :key")
-SELECT_BY_ID = text(f"SELECT {PAYMENT_COLUMNS} FROM payments WHERE id = :id")
-LIST_PAYMENTS = text(
+_SELECT_BY_KEY = text(f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE idempotency_key = :key")
+_SELECT_BY_ID = text(f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE id = :id")
+_LIST_PAYMENTS = text(
     f"""
-    SELECT {PAYMENT_COLUMNS} FROM payments
+    SELECT {_PAYMENT_COLUMNS} FROM payments
     WHERE id > :after AND (CAST(:status AS text) IS NULL OR status = CAST(:status AS text))
     ORDER BY id
     LIMIT :limit
@@ -43,14 +54,14 @@ LIST_PAYMENTS = text(
 )
 
 
-async def enqueue(conn: AsyncConnection, key: str, request: PaymentRequest) -> tuple[Payment, bool]:
+async def enqueue(conn: Connection, key: str, request: PaymentRequest) -> tuple[Payment, bool]:
     """Insert a pending payment under ``key``, or find the one already there.
 
     Returns (payment, created). Concurrent identical requests are settled by the unique
     constraint: ON CONFLICT waits for the first inserter, then the SELECT sees its row.
     """
     result = await conn.execute(
-        INSERT_PAYMENT,
+        _INSERT_PAYMENT,
         {
             "key": key,
             "fingerprint": request.fingerprint(),
@@ -64,34 +75,34 @@ async def enqueue(conn: AsyncConnection, key: str, request: PaymentRequest) -> t
     row = result.first()
     if row is not None:
         return _payment(row), True
-    existing = (await conn.execute(SELECT_BY_KEY, {"key": key})).first()
+    existing = (await conn.execute(_SELECT_BY_KEY, {"key": key})).first()
     if existing is None:  # pragma: no cover - the conflicting row cannot vanish (no deletes)
         raise RuntimeError(f"payment with idempotency key {key!r} conflicted but is missing")
     return _payment(existing), False
 
 
-async def get_payment(conn: AsyncConnection, payment_id: int) -> Payment | None:
+async def get_payment(conn: Connection, payment_id: int) -> Payment | None:
     """The payment with ``payment_id``, or None."""
-    row = (await conn.execute(SELECT_BY_ID, {"id": payment_id})).first()
+    row = (await conn.execute(_SELECT_BY_ID, {"id": payment_id})).first()
     return _payment(row) if row is not None else None
 
 
 async def list_payments(
-    conn: AsyncConnection, *, status: PaymentStatus | None, after: int, limit: int
+    conn: Connection, *, status: PaymentStatus | None, after: int, limit: int
 ) -> list[Payment]:
     """Up to ``limit`` payments with id > ``after`` (keyset pagination), optionally by status."""
     rows = await conn.execute(
-        LIST_PAYMENTS,
+        _LIST_PAYMENTS,
         {"after": after, "status": status.value if status else None, "limit": limit},
     )
     return [_payment(row) for row in rows]
 
 
 # --- leader statements: every one stamps or checks the leader's token ---------------------
+# Run them inside FencedWriter.transaction (app.store.fence): it opens with the fence
+# assertion, so a stale leader's statement fails before it touches a row.
 
-ASSERT_FENCE = text("SELECT paydispatch_assert_fence(:fence, :token)")
-
-CLAIM = text(
+_CLAIM = text(
     """
     WITH batch AS (
         SELECT id FROM payments
@@ -112,7 +123,7 @@ CLAIM = text(
 
 # Takeover recovery: whatever an older leader left in flight goes back to the queue now,
 # with an 'abandoned' attempt row so the audit trail shows the interrupted call.
-RECOVER = text(
+_RECOVER = text(
     """
     WITH requeued AS (
         UPDATE payments
@@ -133,7 +144,7 @@ RECOVER = text(
 )
 
 # A leader giving up (step-down or resign) puts back what it claimed but did not finish.
-RELEASE = text(
+_RELEASE = text(
     """
     UPDATE payments
     SET status = 'pending', next_attempt_at = now(), fence_token = :token, updated_at = now(),
@@ -142,7 +153,7 @@ RELEASE = text(
     """
 )
 
-RECORD_OUTCOMES = text(
+_RECORD_OUTCOMES = text(
     """
     UPDATE payments AS p
     SET status = v.status,
@@ -162,7 +173,7 @@ RECORD_OUTCOMES = text(
     """
 )
 
-RECORD_ATTEMPTS = text(
+_RECORD_ATTEMPTS = text(
     """
     INSERT INTO payment_attempts (payment_id, attempt, fence_token, node_id, started_at,
                                   finished_at, outcome, provider_status, error)
@@ -175,7 +186,7 @@ RECORD_ATTEMPTS = text(
     """
 )
 
-RECONCILE_CANDIDATES = text(
+_RECONCILE_CANDIDATES = text(
     """
     SELECT id, idempotency_key FROM payments
     WHERE status = 'needs_reconciliation'
@@ -184,23 +195,109 @@ RECONCILE_CANDIDATES = text(
     """
 )
 
-RECONCILE = text(
+_SETTLE_RECONCILED = text(
     """
     UPDATE payments
     SET status = :status, provider_charge_id = :charge_id, completed_at = now(),
-        last_error = :error, fence_token = :token, updated_at = now()
+        last_error = NULL, fence_token = :token, updated_at = now()
     WHERE id = :id AND status = 'needs_reconciliation'
+    RETURNING id
     """
 )
 
-COUNT_BY_STATUS = text("SELECT status, count(*) FROM payments GROUP BY status")
+_COUNT_BY_STATUS = text("SELECT status, count(*) AS n FROM payments GROUP BY status")
+
+
+async def claim(conn: Connection, *, token: int, limit: int) -> list[Claimed]:
+    """Stamp up to ``limit`` due pending payments in_flight under ``token`` (oldest due
+    first; rows another transaction holds are skipped, not waited for) and return them."""
+    rows = await conn.execute(_CLAIM, {"limit": limit, "token": token})
+    return [_row_as(Claimed, row) for row in rows]
+
+
+async def record_outcomes(
+    conn: Connection, *, token: int, node: str, outcomes: Sequence[Outcome]
+) -> None:
+    """Record a batch of call outcomes: each payment's new state, and one attempt row each.
+
+    Only payments still in flight under ``token`` change; the attempt rows are appended
+    once (a repeated attempt number is ignored, so a retried batch is harmless).
+    """
+    ids = [o.payment_id for o in outcomes]
+    errors = [o.error for o in outcomes]
+    await conn.execute(
+        _RECORD_OUTCOMES,
+        {
+            "token": token,
+            "ids": ids,
+            "statuses": [o.status.value for o in outcomes],
+            "charge_ids": [o.charge_id for o in outcomes],
+            "errors": errors,
+            "delays": [o.delay for o in outcomes],
+        },
+    )
+    await conn.execute(
+        _RECORD_ATTEMPTS,
+        {
+            "token": token,
+            "node": node,
+            "ids": ids,
+            "attempts": [o.attempt for o in outcomes],
+            "started": [o.started for o in outcomes],
+            "finished": [o.finished for o in outcomes],
+            "outcomes": [o.attempt_outcome for o in outcomes],
+            "https": [o.http_status for o in outcomes],
+            "errors": errors,
+        },
+    )
+
+
+async def recover(conn: Connection, *, token: int, node: str) -> list[int]:
+    """Re-queue every payment an older leader (token below ``token``) left in flight, now,
+    with an 'abandoned' attempt row for each interrupted call; the ids of those payments."""
+    rows = await conn.execute(_RECOVER, {"token": token, "node": node})
+    return [int(row.payment_id) for row in rows]
+
+
+async def release(conn: Connection, *, token: int, ids: Collection[int]) -> None:
+    """Put back the payments of ``ids`` this leader (``token``) claimed but did not finish."""
+    await conn.execute(_RELEASE, {"token": token, "ids": sorted(ids)})
+
+
+async def reconcile_candidates(conn: Connection, *, limit: int) -> list[ReconcileCandidate]:
+    """Up to ``limit`` needs_reconciliation payments, the longest untouched first."""
+    rows = await conn.execute(_RECONCILE_CANDIDATES, {"limit": limit})
+    return [_row_as(ReconcileCandidate, row) for row in rows]
+
+
+async def settle_reconciled(
+    conn: Connection, *, token: int, payment_id: int, status: PaymentStatus, charge_id: str
+) -> bool:
+    """The leader settles a needs_reconciliation payment from the provider's ledger.
+
+    False when the payment is no longer waiting for reconciliation (settled meanwhile).
+    """
+    row = (
+        await conn.execute(
+            _SETTLE_RECONCILED,
+            {"id": payment_id, "status": status.value, "charge_id": charge_id, "token": token},
+        )
+    ).first()
+    return row is not None
+
+
+async def count_by_status(conn: Connection) -> dict[PaymentStatus, int]:
+    """How many payments are in each state (every state, zero included)."""
+    rows = await conn.execute(_COUNT_BY_STATUS)
+    found = {str(row.status): int(row.n) for row in rows}
+    return {status: found.get(status.value, 0) for status in PaymentStatus}
 
 
 # --- operator actions (admin API): stamped with the fence's current token --------------------
 # An operator is not a leader, but the fence trigger wants every update to say which term it
 # belongs to; the current fence token is the honest answer (the action happens "now").
 
-ADMIN_RETRY = text(
+_ADMIN_REQUEUE = text(
     """
     UPDATE payments
     SET status = 'pending', next_attempt_at = now(), updated_at = now(),
@@ -211,7 +308,7 @@ ADMIN_RETRY = text(
     """
 )
 
-ADMIN_SETTLE = text(
+_ADMIN_SETTLE = text(
     """
     UPDATE payments
     SET status = :status, provider_charge_id = :charge_id, completed_at = now(),
@@ -222,7 +319,7 @@ ADMIN_SETTLE = text(
     """
 )
 
-AUDIT = text(
+_AUDIT = text(
     """
     INSERT INTO admin_actions (actor, node_id, action, payment_id, outcome, detail)
     VALUES (:actor, :node, :action, :payment_id, :outcome, CAST(:detail AS jsonb))
@@ -230,8 +327,78 @@ AUDIT = text(
 )
 
 
+async def admin_requeue(conn: Connection, *, payment_id: int, fence_name: str) -> bool:
+    """An operator puts a pending or needs_reconciliation payment back in the queue, due now.
+
+    False when the payment is in neither state any more (claimed or settled meanwhile).
+    """
+    row = (await conn.execute(_ADMIN_REQUEUE, {"id": payment_id, "fence": fence_name})).first()
+    return row is not None
+
+
+async def admin_settle(
+    conn: Connection,
+    *,
+    payment_id: int,
+    status: PaymentStatus,
+    charge_id: str,
+    fence_name: str,
+) -> bool:
+    """An operator settles a needs_reconciliation payment from the provider's ledger.
+
+    False when the payment is no longer waiting for reconciliation (settled meanwhile).
+    """
+    row = (
+        await conn.execute(
+            _ADMIN_SETTLE,
+            {
+                "id": payment_id,
+                "status": status.value,
+                "charge_id": charge_id,
+                "fence": fence_name,
+            },
+        )
+    ).first()
+    return row is not None
+
+
+async def audit(
+    conn: Connection,
+    *,
+    actor: str,
+    node: str,
+    action: str,
+    outcome: str,
+    payment_id: int | None,
+    detail: Mapping[str, Any],
+) -> None:
+    """Append one operator action to ``admin_actions`` (who, where, what, how it ended)."""
+    await conn.execute(
+        _AUDIT,
+        {
+            "actor": actor,
+            "node": node,
+            "action": action,
+            "payment_id": payment_id,
+            "outcome": outcome,
+            "detail": json.dumps(detail),
+        },
+    )
+
+
+# --- rows → domain types -------------------------------------------------------------------
+
+_Row = TypeVar("_Row", bound="DataclassInstance")
+
+
+def _row_as(cls: type[_Row], row: Any) -> _Row:
+    """A row as the dataclass ``cls``, field by column name (extra columns are ignored)."""
+    values = row._mapping
+    return cls(**{f.name: values[f.name] for f in fields(cls)})
+
+
 def _payment(row: Any) -> Payment:
-    """A row selected with PAYMENT_COLUMNS as a Payment."""
+    """A row selected with _PAYMENT_COLUMNS as a Payment."""
     values = dict(row._mapping)
     metadata = values["metadata"]
     values["metadata"] = json.loads(metadata) if isinstance(metadata, str) else metadata

@@ -4,18 +4,19 @@ recorded in ``admin_actions`` (who — a key fingerprint, never the key — what
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from app.dispatch.provider import ProviderClient
-from app.domain.payment import Payment
+from app.dispatch.reconcile import Settlement, reconcile_one
+from app.domain.payment import Payment, ReconcileCandidate
 from app.domain.states import PaymentStatus
 from app.errors import RetryableProviderError, UnknownOutcome
-from app.store import payments as queue
+from app.store import payments
 from app.web.auth import bearer_token
+from app.web.params import parse_id
 from app.web.problems import problem
 from app.web.schemas import json_response
 from app.web.state import ELECTOR, ENGINE, OBSERVER, SETTINGS
@@ -36,29 +37,28 @@ async def audit(
 ) -> None:
     """Append one admin action to the audit table."""
     async with request.app[ENGINE].begin() as conn:
-        await conn.execute(
-            queue.AUDIT,
-            {
-                "actor": actor(request),
-                "node": request.app[SETTINGS].node_id,
-                "action": action,
-                "payment_id": payment_id,
-                "outcome": outcome,
-                "detail": json.dumps(detail),
-            },
+        await payments.audit(
+            conn,
+            actor=actor(request),
+            node=request.app[SETTINGS].node_id,
+            action=action,
+            outcome=outcome,
+            payment_id=payment_id,
+            detail=detail,
         )
 
 
 def _payment_id(request: web.Request) -> int | None:
-    raw = request.match_info["id"]
-    return int(raw) if raw.isascii() and raw.isdigit() and 0 < int(raw) < 2**63 else None
+    # The shared parser: an id that is no positive 63-bit integer names no payment (404),
+    # however long it is.
+    return parse_id(request.match_info["id"])
 
 
 async def _load(request: web.Request, payment_id: int | None) -> Payment | None:
     if payment_id is None:
         return None
     async with request.app[ENGINE].connect() as conn:
-        return await queue.get_payment(conn, payment_id)
+        return await payments.get_payment(conn, payment_id)
 
 
 async def retry_payment(request: web.Request) -> web.Response:
@@ -77,16 +77,10 @@ async def retry_payment(request: web.Request) -> web.Response:
             "needs_reconciliation payments can be retried",
         )
     async with request.app[ENGINE].begin() as conn:
-        row = (
-            await conn.execute(
-                queue.ADMIN_RETRY,
-                {
-                    "id": payment.id,
-                    "fence": request.app[SETTINGS].fence_name,
-                },
-            )
-        ).first()
-    if row is None:  # it moved on between the read and the write (claimed, settled)
+        requeued = await payments.admin_requeue(
+            conn, payment_id=payment.id, fence_name=request.app[SETTINGS].fence_name
+        )
+    if not requeued:  # it moved on between the read and the write (claimed, settled)
         return problem(409, "Payment changed meanwhile", "read it again and decide again")
     await audit(request, "retry", "requeued", payment.id, previous=payment.status.value)
     return json_response({"id": payment.id, "status": "pending", "previous": payment.status})
@@ -106,15 +100,30 @@ async def reconcile_payment(request: web.Request) -> web.Response:
             "Nothing to reconcile",
             f"payment {payment.id} is {payment.status.value}, not needs_reconciliation",
         )
+
+    async def settle(settlement: Settlement) -> bool:
+        async with request.app[ENGINE].begin() as conn:
+            return await payments.admin_settle(
+                conn,
+                payment_id=settlement.payment_id,
+                status=settlement.status,
+                charge_id=settlement.charge_id,
+                fence_name=settings.fence_name,
+            )
+
+    candidate = ReconcileCandidate(payment.id, payment.idempotency_key)
     try:
         async with aiohttp.ClientSession() as http:
-            charge = await ProviderClient(settings.provider_url, http).find_by_key(
-                payment.idempotency_key, timeout=settings.provider_timeout
+            done = await reconcile_one(
+                ProviderClient(settings.provider_url, http),
+                candidate,
+                timeout=settings.provider_timeout,
+                settle=settle,
             )
     except (RetryableProviderError, UnknownOutcome) as exc:
         await audit(request, "reconcile", "provider_unavailable", payment.id, error=str(exc))
         return problem(503, "Provider unavailable", str(exc), headers={"Retry-After": "5"})
-    if charge is None:
+    if done.settlement is None:
         await audit(request, "reconcile", "no_charge_found", payment.id)
         return problem(
             409,
@@ -122,23 +131,12 @@ async def reconcile_payment(request: web.Request) -> web.Response:
             f"the provider has no charge for key {payment.idempotency_key!r}; "
             "retry the payment (same key) or leave it for investigation",
         )
-    async with request.app[ENGINE].begin() as conn:
-        row = (
-            await conn.execute(
-                queue.ADMIN_SETTLE,
-                {
-                    "id": payment.id,
-                    "status": charge.status,
-                    "charge_id": charge.charge_id,
-                    "fence": settings.fence_name,
-                },
-            )
-        ).first()
-    if row is None:
+    if not done.applied:
         return problem(409, "Payment changed meanwhile", "read it again and decide again")
-    await audit(request, "reconcile", charge.status, payment.id, charge_id=charge.charge_id)
+    settled = done.settlement
+    await audit(request, "reconcile", settled.status.value, payment.id, charge_id=settled.charge_id)
     return json_response(
-        {"id": payment.id, "status": charge.status, "provider_charge_id": charge.charge_id}
+        {"id": payment.id, "status": settled.status, "provider_charge_id": settled.charge_id}
     )
 
 
