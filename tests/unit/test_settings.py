@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from app.errors import ConfigurationError, PaydispatchError
 from app.sandbox.settings import SandboxConfigError, load_sandbox_settings
 from app.settings import load_settings
+from app.store.engine import driver_dsn, engine_url
 
 
 @pytest.fixture(autouse=True)
@@ -85,8 +86,8 @@ def test_the_database_url_gets_the_asyncpg_driver_and_keeps_a_unix_socket_host(
 
     settings = load_settings()
 
-    assert settings.sqlalchemy_url == "postgresql+asyncpg://app@/payments?host=/run/pg"
-    assert settings.asyncpg_dsn == "postgresql://app@/payments?host=/run/pg"
+    assert engine_url(settings.database_url) == "postgresql+asyncpg://app@/payments?host=/run/pg"
+    assert driver_dsn(settings.database_url) == "postgresql://app@/payments?host=/run/pg"
 
 
 @pytest.mark.parametrize(
