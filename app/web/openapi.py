@@ -30,16 +30,13 @@ from app.domain.payment import (
     METADATA_VALUE_MAX,
 )
 from app.domain.states import PaymentStatus
+from app.web.params import LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX
 
 JsonObject = dict[str, Any]
 
 PROBLEM_JSON: Final = "application/problem+json"
 JSON: Final = "application/json"
 API_VERSION: Final = "1.0.0"
-# Copies of app/web/payments.py's bounds (it imports this module, so this one cannot import it);
-# tests/integration/test_openapi.py asserts they agree.
-LIST_LIMIT_DEFAULT: Final = 50
-LIST_LIMIT_MAX: Final = 500
 
 BEARER: Final[list[dict[str, list[str]]]] = [{"bearer": []}]
 NO_AUTH: Final[list[dict[str, list[str]]]] = []

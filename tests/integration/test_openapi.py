@@ -61,7 +61,6 @@ from app.settings import Settings, load_settings
 from app.stack.etcd import EtcdCluster
 from app.stack.ports import free_port
 from app.web import openapi
-from app.web import payments as payment_routes
 from app.web.app import create_app
 from tests.conftest import TEST_API_KEY, RunningApi
 
@@ -192,13 +191,6 @@ def test_every_error_is_a_problem_document() -> None:
     problem = document["components"]["schemas"]["Problem"]
     assert problem["required"] == ["type", "title", "status", "detail"]
     assert set(problem["properties"]) >= {"type", "title", "status", "detail", "errors"}
-
-
-def test_bounds_agree_with_the_handlers() -> None:
-    # app/openapi.py cannot import app/api.py (which imports it), so it keeps copies.
-    assert openapi.LIST_LIMIT_DEFAULT == payment_routes.LIST_LIMIT_DEFAULT
-    assert openapi.LIST_LIMIT_MAX == payment_routes.LIST_LIMIT_MAX
-    assert sorted(c.alpha_3 for c in pycountry.currencies) == openapi.ISO_4217_CODES
 
 
 async def test_document_is_served_without_auth() -> None:
