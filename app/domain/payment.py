@@ -7,7 +7,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 import pycountry
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
@@ -95,26 +95,6 @@ class Payment:
     created_at: datetime
     updated_at: datetime
     completed_at: datetime | None
-
-    def to_json(self) -> dict[str, Any]:
-        """The public representation served by the API."""
-        return {
-            "id": self.id,
-            "status": self.status.value,
-            "amount": self.amount,
-            "currency": self.currency,
-            "reference": self.reference,
-            "description": self.description,
-            "metadata": self.metadata,
-            "attempts": self.attempts,
-            "provider_charge_id": self.provider_charge_id,
-            "fence_token": self.fence_token,
-            "last_error": self.last_error,
-            "created_at": self.created_at.isoformat(),
-            "updated_at": self.updated_at.isoformat(),
-            "completed_at": self.completed_at.isoformat() if self.completed_at else None,
-            "links": {"self": f"/v1/payments/{self.id}"},
-        }
 
 
 @dataclass(frozen=True, slots=True)

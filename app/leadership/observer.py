@@ -28,10 +28,6 @@ class LeaderInfo:
     since: str
     key: str
 
-    def to_json(self) -> dict[str, object]:
-        """The body of GET /v1/leader."""
-        return {"node_id": self.node_id, "url": self.url, "token": self.token, "since": self.since}
-
 
 class LeaderObserver:
     """Tracks the current leader through a watch on the election prefix (every replica)."""

@@ -18,7 +18,7 @@ from app.store import payments
 from app.web.auth import bearer_token
 from app.web.params import parse_id
 from app.web.problems import problem
-from app.web.schemas import json_response
+from app.web.schemas import HandedOver, Reconciled, Requeued, json_response
 from app.web.state import ELECTOR, ENGINE, OBSERVER, SETTINGS
 
 
@@ -83,7 +83,7 @@ async def retry_payment(request: web.Request) -> web.Response:
     if not requeued:  # it moved on between the read and the write (claimed, settled)
         return problem(409, "Payment changed meanwhile", "read it again and decide again")
     await audit(request, "retry", "requeued", payment.id, previous=payment.status.value)
-    return json_response({"id": payment.id, "status": "pending", "previous": payment.status})
+    return json_response(Requeued(id=payment.id, status="pending", previous=payment.status.value))
 
 
 async def reconcile_payment(request: web.Request) -> web.Response:
@@ -136,7 +136,11 @@ async def reconcile_payment(request: web.Request) -> web.Response:
     settled = done.settlement
     await audit(request, "reconcile", settled.status.value, payment.id, charge_id=settled.charge_id)
     return json_response(
-        {"id": payment.id, "status": settled.status, "provider_charge_id": settled.charge_id}
+        # Validated, not constructed: the ledger's status is a plain str that must be one
+        # of the two the document allows.
+        Reconciled.model_validate(
+            {"id": payment.id, "status": settled.status, "provider_charge_id": settled.charge_id}
+        )
     )
 
 
@@ -150,7 +154,7 @@ async def resign_leader(request: web.Request) -> web.Response:
         where = f" the leader is {leader.node_id} at {leader.url}" if leader else " none leads"
         return problem(409, "Not the leader", f"this replica does not lead;{where}")
     await audit(request, "leader_resign", "handed_over", token=token)
-    return json_response({"node_id": request.app[SETTINGS].node_id, "handed_over_token": token})
+    return json_response(HandedOver(node_id=request.app[SETTINGS].node_id, handed_over_token=token))
 
 
 def add_admin_routes(app: web.Application) -> None:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 from aiohttp import web
 
 from app.web.problems import problem
-from app.web.schemas import json_response
+from app.web.schemas import (
+    Cluster,
+    Node,
+    QueueDepth,
+    Replica,
+    dispatch_stats_body,
+    json_response,
+    leader_body,
+)
 from app.web.state import DISPATCH_STATS, ELECTOR, OBSERVER, SETTINGS, STATUS_COUNTS, WATCHDOG
 
 log = logging.getLogger(__name__)
@@ -21,7 +28,7 @@ async def get_leader(request: web.Request) -> web.Response:
         return problem(
             503, "No leader", "no replica holds leadership right now", headers={"Retry-After": "1"}
         )
-    return json_response(leader.to_json())
+    return json_response(leader_body(leader))
 
 
 async def get_cluster(request: web.Request) -> web.Response:
@@ -29,28 +36,28 @@ async def get_cluster(request: web.Request) -> web.Response:
     replica, recent leadership changes and queue depth by status."""
     observer = request.app[OBSERVER]
     leader = observer.leader
-    queue_depth: dict[str, int] | None
+    counts: dict[str, int] | None
     try:
-        queue_depth = await request.app[STATUS_COUNTS].counts()
+        counts = await request.app[STATUS_COUNTS].counts()
     except Exception as exc:  # the cluster view still answers while Postgres is away
         log.warning("queue depth unavailable: %s", exc)
-        queue_depth = None
+        counts = None
     return json_response(
-        {
-            "observed_by": request.app[SETTINGS].node_id,
-            "leader": leader.to_json() if leader else None,
-            "replicas": [
-                {
-                    "node_id": c.node_id,
-                    "url": c.url,
-                    "candidate_revision": c.token,
-                    "leading": leader is not None and c.token == leader.token,
-                }
+        Cluster(
+            observed_by=request.app[SETTINGS].node_id,
+            leader=leader_body(leader) if leader else None,
+            replicas=[
+                Replica(
+                    node_id=c.node_id,
+                    url=c.url,
+                    candidate_revision=c.token,
+                    leading=leader is not None and c.token == leader.token,
+                )
                 for c in observer.candidates
             ],
-            "leadership_changes": [change.to_json() for change in reversed(observer.changes)],
-            "queue": queue_depth,
-        }
+            leadership_changes=[leader_body(change) for change in reversed(observer.changes)],
+            queue=QueueDepth.model_validate(counts) if counts is not None else None,
+        )
     )
 
 
@@ -60,25 +67,24 @@ async def get_node(request: web.Request) -> web.Response:
     watchdog = request.app[WATCHDOG]
     term = elector.acting_term
     observed = request.app[OBSERVER].leader
-    dispatch = dataclasses.asdict(request.app[DISPATCH_STATS])
-    # Served at the top level, where clients have always read it.
-    stale_writes_rejected = dispatch.pop("stale_writes_rejected")
+    counters = request.app[DISPATCH_STATS]
     return json_response(
-        {
-            "node_id": request.app[SETTINGS].node_id,
-            "url": request.app[SETTINGS].public_url,
-            "is_leader": elector.is_leader,
-            "token": term.token if term else None,
-            "validity_remaining_s": round(term.remaining(), 3) if term else None,
-            "lease_renewed_ago_s": round(term.renewed_ago(), 3) if term else None,
-            "leader": observed.to_json() if observed else None,
-            "terms": elector.stats.terms,
-            "transitions": elector.stats.transitions,
-            "stale_writes_rejected": stale_writes_rejected,
-            "dispatch": dispatch,
-            "event_loop_lag_s": round(watchdog.lag, 4),
-            "event_loop_max_lag_s": round(watchdog.max_lag, 4),
-        }
+        Node(
+            node_id=request.app[SETTINGS].node_id,
+            url=request.app[SETTINGS].public_url,
+            is_leader=elector.is_leader,
+            token=term.token if term else None,
+            validity_remaining_s=round(term.remaining(), 3) if term else None,
+            lease_renewed_ago_s=round(term.renewed_ago(), 3) if term else None,
+            leader=leader_body(observed) if observed else None,
+            terms=elector.stats.terms,
+            transitions=elector.stats.transitions,
+            # Served at the top level, where clients have always read it.
+            stale_writes_rejected=counters.stale_writes_rejected,
+            dispatch=dispatch_stats_body(counters),
+            event_loop_lag_s=round(watchdog.lag, 4),
+            event_loop_max_lag_s=round(watchdog.max_lag, 4),
+        )
     )
 
 

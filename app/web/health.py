@@ -8,7 +8,7 @@ from aiohttp import web
 
 from app.obs.metrics import CONTENT_TYPE
 from app.store.engine import ping
-from app.web.schemas import json_response
+from app.web.schemas import Alive, NotReady, Ready, ShuttingDown, json_response
 from app.web.state import ENGINE, LIFECYCLE, METRICS, METRICS_REFRESH, SETTINGS
 
 
@@ -21,23 +21,23 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 async def livez(request: web.Request) -> web.Response:
     """GET /livez — the process serves HTTP (no dependency is checked)."""
-    return json_response({"status": "alive"})
+    return json_response(Alive(status="alive"))
 
 
 async def readyz(request: web.Request) -> web.Response:
     """GET /readyz — Postgres answers within the timeout and we are not shutting down."""
     settings = request.app[SETTINGS]
     if request.app[LIFECYCLE].shutting_down:
-        return json_response({"status": "shutting_down"}, status=503)
+        return json_response(ShuttingDown(status="shutting_down"), status=503)
     try:
         async with asyncio.timeout(settings.readyz_timeout):
             await ping(request.app[ENGINE])
     except Exception as exc:  # readiness reports any failure; it never raises
         return json_response(
-            {"status": "not_ready", "database": f"{type(exc).__name__}: {exc}"[:300]},
+            NotReady(status="not_ready", database=f"{type(exc).__name__}: {exc}"[:300]),
             status=503,
         )
-    return json_response({"status": "ready", "database": "ok"})
+    return json_response(Ready(status="ready", database="ok"))
 
 
 def add_health_routes(app: web.Application) -> None:

@@ -1,15 +1,17 @@
 """The OpenAPI 3.1 description of a replica's HTTP API, served at ``GET /openapi.json``.
 
-The document is a plain dict written by hand next to the handlers it describes (app/web/)
+The paths are a plain dict written by hand next to the handlers they describe (app/web/)
 and the rules they enforce (app/web/validation.py, app/web/auth.py, app/web/problems.py).
-tests/integration/test_openapi.py keeps it honest: it
-fails when a route is missing from the document or the document names one the router does
-not have, and it fuzzes a real server against it.
+The response components are generated from the models the handlers answer with
+(app/web/schemas.py), so a body and its schema cannot drift apart; the request body's schema
+stays hand-written because it spells out the request checks.
+tests/integration/test_openapi.py keeps the rest honest: it fails when a route is missing
+from the document or the document names one the router does not have, and it fuzzes a real
+server against it.
 
 Request schemas are closed (``additionalProperties: false``) wherever the server rejects
-unknown fields. Response schemas are closed too: the server builds every body from a fixed
-set of keys, and a closed schema lets the fuzz test notice when a handler grows a field the
-document does not mention.
+unknown fields. Response schemas are closed too (the models forbid extra fields), so the fuzz
+test notices a body the document does not describe.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, Final
 
 import pycountry
 from aiohttp import web
+from pydantic import BaseModel
 
 from app.domain.payment import (
     BIGINT_MAX,
@@ -30,16 +33,14 @@ from app.domain.payment import (
     METADATA_VALUE_MAX,
 )
 from app.domain.states import PaymentStatus
+from app.web import schemas
+from app.web.params import LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX
+from app.web.problems import PROBLEM_JSON
+from app.web.schemas import JSON
 
 JsonObject = dict[str, Any]
 
-PROBLEM_JSON: Final = "application/problem+json"
-JSON: Final = "application/json"
 API_VERSION: Final = "1.0.0"
-# Copies of app/web/payments.py's bounds (it imports this module, so this one cannot import it);
-# tests/integration/test_openapi.py asserts they agree.
-LIST_LIMIT_DEFAULT: Final = 50
-LIST_LIMIT_MAX: Final = 500
 
 BEARER: Final[list[dict[str, list[str]]]] = [{"bearer": []}]
 NO_AUTH: Final[list[dict[str, list[str]]]] = []
@@ -47,7 +48,6 @@ NO_AUTH: Final[list[dict[str, list[str]]]] = []
 # The server checks currencies against pycountry's ISO 4217 table (app/validation.py), so
 # the document lists the same table: clients and generated tests see exactly what is valid.
 ISO_4217_CODES: Final = sorted(currency.alpha_3 for currency in pycountry.currencies)
-STATUSES: Final = [status.value for status in PaymentStatus]
 # Postgres text and jsonb cannot hold U+0000, so no stored string may contain it.
 NO_NUL: Final = "^[^\\u0000]*$"
 # Printable ASCII with no leading or trailing space. The server's rule is Python's
@@ -56,19 +56,19 @@ IDEMPOTENCY_KEY_PATTERN: Final = r"^[\x21-\x7E](?:[\x20-\x7E]*[\x21-\x7E])?$"
 
 
 def _ref(name: str) -> JsonObject:
-    return {"$ref": f"#/components/schemas/{name}"}
+    return {"$ref": schemas.REF_TEMPLATE.format(model=name)}
 
 
-def _nullable(schema: JsonObject) -> JsonObject:
-    """``schema`` or JSON null (OpenAPI 3.1 has no ``nullable``; this is its spelling)."""
-    return {"oneOf": [schema, {"type": "null"}]}
+def _model(model: type[BaseModel]) -> JsonObject:
+    """A reference to the component generated from ``model``."""
+    return _ref(model.__name__)
 
 
 def _problem(description: str, headers: JsonObject | None = None) -> JsonObject:
     """A response whose body is an RFC 9457 problem document."""
     response: JsonObject = {
         "description": description,
-        "content": {PROBLEM_JSON: {"schema": _ref("Problem")}},
+        "content": {PROBLEM_JSON: {"schema": _model(schemas.Problem)}},
     }
     if headers:
         response["headers"] = headers
@@ -132,319 +132,55 @@ PAYMENT_ID_PARAMETER: Final[JsonObject] = {
     "schema": {"type": "integer", "minimum": 1, "maximum": BIGINT_MAX},
 }
 
-SCHEMAS: Final[JsonObject] = {
-    "Problem": {
-        "type": "object",
-        "description": "An RFC 9457 problem document; every error of this API is one.",
-        "additionalProperties": False,
-        "required": ["type", "title", "status", "detail"],
-        "properties": {
-            "type": {
-                "type": "string",
-                "format": "uri",
-                "description": "`https://paydispatch.dev/problems/<status>`.",
-            },
-            "title": {"type": "string"},
-            "status": {"type": "integer", "minimum": 400, "maximum": 599},
-            "detail": {"type": "string"},
-            "errors": {
-                "type": "array",
-                "description": "Validation failures: one entry per offending field.",
-                "items": _ref("FieldError"),
-            },
-            "payment_id": {
-                "type": "integer",
-                "minimum": 1,
-                "description": "On a 422 for a reused `Idempotency-Key`: the payment that "
-                "key already belongs to.",
-            },
+# The request body stays hand-written: its patterns, enum and key rules describe the
+# request checks (app/domain/payment.py), which pydantic's generated schema would not.
+PAYMENT_REQUEST: Final[JsonObject] = {
+    "type": "object",
+    "description": "A new payment. Unknown fields are rejected. Every string must be "
+    "Unicode text Postgres can store: no U+0000 (the `pattern`s) and no unpaired "
+    "surrogate escapes such as `\\ud800`; either is a 422.",
+    "additionalProperties": False,
+    "required": ["amount", "currency"],
+    "properties": {
+        "amount": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": BIGINT_MAX,
+            "description": "Minor units (cents). A JSON integer: `1250`, not `1250.0`.",
         },
-    },
-    "FieldError": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["field", "message"],
-        "properties": {
-            "field": {
-                "type": "string",
-                "description": "A body field as a dotted path (`metadata.cart`), a query "
-                "parameter, a header name (`Idempotency-Key`, `Content-Type`) or `body`.",
-            },
-            "message": {"type": "string"},
+        "currency": {
+            "type": "string",
+            "pattern": "^[A-Z]{3}$",
+            "enum": ISO_4217_CODES,
+            "description": "An upper-case ISO 4217 currency code. Codes that are not in "
+            "ISO 4217 (e.g. `ABC`) are rejected with 422 even though they match the "
+            "pattern.",
         },
-    },
-    "PaymentStatus": {
-        "type": "string",
-        "enum": STATUSES,
-        "description": "pending → in_flight → succeeded | declined | failed (terminal); "
-        "in_flight may go back to pending (retry) or to needs_reconciliation.",
-    },
-    "PaymentRequest": {
-        "type": "object",
-        "description": "A new payment. Unknown fields are rejected. Every string must be "
-        "Unicode text Postgres can store: no U+0000 (the `pattern`s) and no unpaired "
-        "surrogate escapes such as `\\ud800`; either is a 422.",
-        "additionalProperties": False,
-        "required": ["amount", "currency"],
-        "properties": {
-            "amount": {
-                "type": "integer",
-                "minimum": 1,
-                "maximum": BIGINT_MAX,
-                "description": "Minor units (cents). A JSON integer: `1250`, not `1250.0`.",
-            },
-            "currency": {
-                "type": "string",
-                "pattern": "^[A-Z]{3}$",
-                "enum": ISO_4217_CODES,
-                "description": "An upper-case ISO 4217 currency code. Codes that are not in "
-                "ISO 4217 (e.g. `ABC`) are rejected with 422 even though they match the "
-                "pattern.",
-            },
-            "reference": {
-                "type": ["string", "null"],
-                "maxLength": 255,
+        "reference": {
+            "type": ["string", "null"],
+            "maxLength": 255,
+            "pattern": NO_NUL,
+            "description": "The client's own reference, e.g. an order number.",
+        },
+        "description": {"type": ["string", "null"], "maxLength": 1000, "pattern": NO_NUL},
+        "metadata": {
+            "type": "object",
+            "description": f"At most {METADATA_MAX_KEYS} string→string pairs; keys of "
+            f"1 to {METADATA_KEY_MAX} characters, values of at most {METADATA_VALUE_MAX} "
+            f"characters, and at most {METADATA_MAX_BYTES} bytes when encoded as ASCII "
+            "JSON (non-ASCII characters count as `\\uXXXX` escapes).",
+            "maxProperties": METADATA_MAX_KEYS,
+            "propertyNames": {
+                "minLength": 1,
+                "maxLength": METADATA_KEY_MAX,
                 "pattern": NO_NUL,
-                "description": "The client's own reference, e.g. an order number.",
             },
-            "description": {"type": ["string", "null"], "maxLength": 1000, "pattern": NO_NUL},
-            "metadata": {
-                "type": "object",
-                "description": f"At most {METADATA_MAX_KEYS} string→string pairs; keys of "
-                f"1 to {METADATA_KEY_MAX} characters, values of at most {METADATA_VALUE_MAX} "
-                f"characters, and at most {METADATA_MAX_BYTES} bytes when encoded as ASCII "
-                "JSON (non-ASCII characters count as `\\uXXXX` escapes).",
-                "maxProperties": METADATA_MAX_KEYS,
-                "propertyNames": {
-                    "minLength": 1,
-                    "maxLength": METADATA_KEY_MAX,
-                    "pattern": NO_NUL,
-                },
-                "additionalProperties": {
-                    "type": "string",
-                    "maxLength": METADATA_VALUE_MAX,
-                    "pattern": NO_NUL,
-                },
-                "default": {},
-            },
-        },
-    },
-    "Payment": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": [
-            "id",
-            "status",
-            "amount",
-            "currency",
-            "reference",
-            "description",
-            "metadata",
-            "attempts",
-            "provider_charge_id",
-            "fence_token",
-            "last_error",
-            "created_at",
-            "updated_at",
-            "completed_at",
-            "links",
-        ],
-        "properties": {
-            "id": {"type": "integer", "minimum": 1, "maximum": BIGINT_MAX},
-            "status": _ref("PaymentStatus"),
-            "amount": {"type": "integer", "minimum": 1, "maximum": BIGINT_MAX},
-            "currency": {"type": "string", "pattern": "^[A-Z]{3}$"},
-            "reference": {"type": ["string", "null"], "maxLength": 255},
-            "description": {"type": ["string", "null"], "maxLength": 1000},
-            "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
-            "attempts": {
-                "type": "integer",
-                "minimum": 0,
-                "description": "Provider calls made so far.",
-            },
-            "provider_charge_id": {
-                "type": ["string", "null"],
-                "description": "The provider's charge id once charged.",
-            },
-            "fence_token": {
-                "type": ["integer", "null"],
-                "minimum": 0,
-                "description": "Fencing token of the leader term that last wrote this "
-                "payment; null until a leader claims it.",
-            },
-            "last_error": {"type": ["string", "null"]},
-            "created_at": {"type": "string", "format": "date-time"},
-            "updated_at": {"type": "string", "format": "date-time"},
-            "completed_at": {
-                "type": ["string", "null"],
-                "format": "date-time",
-                "description": "Set when the payment reaches a terminal state.",
-            },
-            "links": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["self"],
-                "properties": {"self": {"type": "string", "pattern": "^/v1/payments/[0-9]+$"}},
-            },
-        },
-    },
-    "PaymentList": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["data", "has_more", "next_after"],
-        "properties": {
-            "data": {"type": "array", "items": _ref("Payment"), "maxItems": LIST_LIMIT_MAX},
-            "has_more": {"type": "boolean"},
-            "next_after": {
-                "type": ["integer", "null"],
-                "minimum": 1,
-                "description": "Pass as `after` for the next page; null on the last page.",
-            },
-        },
-    },
-    "Leader": {
-        "type": "object",
-        "description": "The leader as a replica observes it through its etcd watch.",
-        "additionalProperties": False,
-        "required": ["node_id", "url", "token", "since"],
-        "properties": {
-            "node_id": {"type": "string"},
-            "url": {"type": "string", "description": "The leader's advertised URL."},
-            "token": {
-                "type": "integer",
-                "minimum": 1,
-                "description": "The fencing token: the etcd create revision of its key.",
-            },
-            "since": {
+            "additionalProperties": {
                 "type": "string",
-                "format": "date-time",
-                "description": "When this replica first observed this leader.",
+                "maxLength": METADATA_VALUE_MAX,
+                "pattern": NO_NUL,
             },
-        },
-    },
-    "DispatchStats": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": [
-            "claimed",
-            "succeeded",
-            "declined",
-            "failed",
-            "retries",
-            "needs_reconciliation",
-            "reconciled",
-            "recovered",
-            "batches",
-            "outcomes",
-        ],
-        "properties": {
-            **{
-                name: {"type": "integer", "minimum": 0}
-                for name in (
-                    "claimed",
-                    "succeeded",
-                    "declined",
-                    "failed",
-                    "retries",
-                    "needs_reconciliation",
-                    "reconciled",
-                    "recovered",
-                    "batches",
-                )
-            },
-            "outcomes": {
-                "type": "object",
-                "description": "Provider attempts by outcome.",
-                "additionalProperties": {"type": "integer", "minimum": 0},
-            },
-        },
-    },
-    "Node": {
-        "type": "object",
-        "description": "This replica's own view of itself.",
-        "additionalProperties": False,
-        "required": [
-            "node_id",
-            "url",
-            "is_leader",
-            "token",
-            "validity_remaining_s",
-            "lease_renewed_ago_s",
-            "leader",
-            "terms",
-            "transitions",
-            "stale_writes_rejected",
-            "dispatch",
-            "event_loop_lag_s",
-            "event_loop_max_lag_s",
-        ],
-        "properties": {
-            "node_id": {"type": "string"},
-            "url": {"type": "string"},
-            "is_leader": {"type": "boolean"},
-            "token": {
-                "type": ["integer", "null"],
-                "description": "Fencing token of this replica's term; null unless leading.",
-            },
-            "validity_remaining_s": {
-                "type": ["number", "null"],
-                "description": "Seconds this leader may still act; null unless leading.",
-            },
-            "lease_renewed_ago_s": {"type": ["number", "null"]},
-            "leader": _nullable(_ref("Leader")),
-            "terms": {"type": "integer", "minimum": 0},
-            "transitions": {
-                "type": "object",
-                "description": "Leadership transitions by reason (elected, resigned, lost, …).",
-                "additionalProperties": {"type": "integer", "minimum": 0},
-            },
-            "stale_writes_rejected": {"type": "integer", "minimum": 0},
-            "dispatch": _ref("DispatchStats"),
-            "event_loop_lag_s": {"type": "number", "minimum": 0},
-            "event_loop_max_lag_s": {"type": "number", "minimum": 0},
-        },
-    },
-    "Cluster": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["observed_by", "leader", "replicas", "leadership_changes", "queue"],
-        "properties": {
-            "observed_by": {"type": "string", "description": "The answering replica."},
-            "leader": _nullable(_ref("Leader")),
-            "replicas": {
-                "type": "array",
-                "description": "Every campaigning replica, leader first.",
-                "items": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "required": ["node_id", "url", "candidate_revision", "leading"],
-                    "properties": {
-                        "node_id": {"type": "string"},
-                        "url": {"type": "string"},
-                        "candidate_revision": {"type": "integer", "minimum": 1},
-                        "leading": {"type": "boolean"},
-                    },
-                },
-            },
-            "leadership_changes": {
-                "type": "array",
-                "description": "Recent leaders, newest first.",
-                "items": _ref("Leader"),
-            },
-            "queue": {
-                "description": "Payments by status; null while Postgres is unavailable.",
-                "oneOf": [
-                    {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "required": STATUSES,
-                        "properties": {
-                            status: {"type": "integer", "minimum": 0} for status in STATUSES
-                        },
-                    },
-                    {"type": "null"},
-                ],
-            },
+            "default": {},
         },
     },
 }
@@ -485,10 +221,10 @@ def _payment_operations() -> JsonObject:
             "content": {JSON: {"schema": _ref("PaymentRequest")}},
         },
         "responses": {
-            "202": _json("A new payment, stored as pending.", _ref("Payment"), LOCATION),
+            "202": _json("A new payment, stored as pending.", _model(schemas.Payment), LOCATION),
             "200": _json(
                 "A replay: this key was used before with the same body; the original payment.",
-                _ref("Payment"),
+                _model(schemas.Payment),
                 LOCATION,
             ),
             "400": _problem(
@@ -516,7 +252,8 @@ def _payment_operations() -> JsonObject:
                 "name": "status",
                 "in": "query",
                 "required": False,
-                "schema": _ref("PaymentStatus"),
+                # Generated from the enum as a component of the Payment model.
+                "schema": _ref(PaymentStatus.__name__),
             },
             {
                 "name": "limit",
@@ -539,7 +276,7 @@ def _payment_operations() -> JsonObject:
             },
         ],
         "responses": {
-            "200": _json("One page of payments, oldest first.", _ref("PaymentList")),
+            "200": _json("One page of payments, oldest first.", _model(schemas.PaymentList)),
             "401": UNAUTHORIZED,
             "422": _problem("A query parameter is invalid or unknown (`errors` names it)."),
             "503": DATABASE_UNAVAILABLE,
@@ -552,7 +289,7 @@ def _payment_operations() -> JsonObject:
         "security": BEARER,
         "parameters": [PAYMENT_ID_PARAMETER],
         "responses": {
-            "200": _json("The payment.", _ref("Payment")),
+            "200": _json("The payment.", _model(schemas.Payment)),
             "401": UNAUTHORIZED,
             "404": PAYMENT_NOT_FOUND,
             "503": DATABASE_UNAVAILABLE,
@@ -573,7 +310,7 @@ def _cluster_operations() -> JsonObject:
                 "tags": ["cluster"],
                 "security": BEARER,
                 "responses": {
-                    "200": _json("The leader.", _ref("Leader")),
+                    "200": _json("The leader.", _model(schemas.Leader)),
                     "401": UNAUTHORIZED,
                     "503": _problem(
                         "No replica holds leadership right now.",
@@ -593,7 +330,10 @@ def _cluster_operations() -> JsonObject:
                 "summary": "This replica's role, term, counters and event-loop lag",
                 "tags": ["cluster"],
                 "security": BEARER,
-                "responses": {"200": _json("This replica.", _ref("Node")), "401": UNAUTHORIZED},
+                "responses": {
+                    "200": _json("This replica.", _model(schemas.Node)),
+                    "401": UNAUTHORIZED,
+                },
             }
         },
         "/v1/cluster": {
@@ -603,7 +343,7 @@ def _cluster_operations() -> JsonObject:
                 "tags": ["cluster"],
                 "security": BEARER,
                 "responses": {
-                    "200": _json("The cluster as this replica sees it.", _ref("Cluster")),
+                    "200": _json("The cluster as this replica sees it.", _model(schemas.Cluster)),
                     "401": UNAUTHORIZED,
                 },
             }
@@ -624,19 +364,7 @@ def _admin_operations() -> JsonObject:
                 "security": BEARER,
                 "parameters": [PAYMENT_ID_PARAMETER],
                 "responses": {
-                    "200": _json(
-                        "Re-queued.",
-                        {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "required": ["id", "status", "previous"],
-                            "properties": {
-                                "id": {"type": "integer", "minimum": 1},
-                                "status": {"const": "pending"},
-                                "previous": {"enum": ["pending", "needs_reconciliation"]},
-                            },
-                        },
-                    ),
+                    "200": _json("Re-queued.", _model(schemas.Requeued)),
                     "401": ADMIN_UNAUTHORIZED,
                     "403": FORBIDDEN,
                     "404": PAYMENT_NOT_FOUND,
@@ -656,16 +384,7 @@ def _admin_operations() -> JsonObject:
                 "responses": {
                     "200": _json(
                         "Settled with the provider's recorded outcome.",
-                        {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "required": ["id", "status", "provider_charge_id"],
-                            "properties": {
-                                "id": {"type": "integer", "minimum": 1},
-                                "status": {"enum": ["succeeded", "declined"]},
-                                "provider_charge_id": {"type": "string"},
-                            },
-                        },
+                        _model(schemas.Reconciled),
                     ),
                     "401": ADMIN_UNAUTHORIZED,
                     "403": FORBIDDEN,
@@ -690,18 +409,7 @@ def _admin_operations() -> JsonObject:
                 "tags": ["admin"],
                 "security": BEARER,
                 "responses": {
-                    "200": _json(
-                        "Handed over.",
-                        {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "required": ["node_id", "handed_over_token"],
-                            "properties": {
-                                "node_id": {"type": "string"},
-                                "handed_over_token": {"type": "integer", "minimum": 1},
-                            },
-                        },
-                    ),
+                    "200": _json("Handed over.", _model(schemas.HandedOver)),
                     "401": ADMIN_UNAUTHORIZED,
                     "403": FORBIDDEN,
                     "409": _problem("This replica does not lead (`detail` names the leader)."),
@@ -720,17 +428,7 @@ def _open_operations() -> JsonObject:
                 "summary": "Liveness: the process serves HTTP",
                 "tags": ["health"],
                 "security": NO_AUTH,
-                "responses": {
-                    "200": _json(
-                        "Alive.",
-                        {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "required": ["status"],
-                            "properties": {"status": {"const": "alive"}},
-                        },
-                    )
-                },
+                "responses": {"200": _json("Alive.", _model(schemas.Alive))},
             }
         },
         "/readyz": {
@@ -742,43 +440,11 @@ def _open_operations() -> JsonObject:
                 "tags": ["health"],
                 "security": NO_AUTH,
                 "responses": {
-                    "200": _json(
-                        "Ready.",
-                        {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "required": ["status", "database"],
-                            "properties": {
-                                "status": {"const": "ready"},
-                                "database": {"const": "ok"},
-                            },
-                        },
-                    ),
+                    "200": _json("Ready.", _model(schemas.Ready)),
                     "503": _json(
                         "Postgres did not answer within PAYDISPATCH_READYZ_TIMEOUT, or "
                         "shutdown has begun.",
-                        {
-                            "oneOf": [
-                                {
-                                    "type": "object",
-                                    "additionalProperties": False,
-                                    "required": ["status", "database"],
-                                    "properties": {
-                                        "status": {"const": "not_ready"},
-                                        "database": {
-                                            "type": "string",
-                                            "description": "Why Postgres is not usable.",
-                                        },
-                                    },
-                                },
-                                {
-                                    "type": "object",
-                                    "additionalProperties": False,
-                                    "required": ["status"],
-                                    "properties": {"status": {"const": "shutting_down"}},
-                                },
-                            ]
-                        },
+                        {"oneOf": [_model(schemas.NotReady), _model(schemas.ShuttingDown)]},
                     ),
                 },
             }
@@ -830,6 +496,19 @@ def _open_operations() -> JsonObject:
     }
 
 
+def response_components() -> JsonObject:
+    """The response components, generated from app/web/schemas.py's models (each with the
+    models it nests, which pydantic hands back as ``$defs``)."""
+    components: JsonObject = {}
+    for model in schemas.RESPONSE_MODELS:
+        generated = schemas.json_schema(model)
+        for name, definition in {**generated.pop("$defs", {}), model.__name__: generated}.items():
+            # Two models named alike would silently overwrite each other's component.
+            if components.setdefault(name, definition) != definition:
+                raise ValueError(f"two different response models generate component {name!r}")
+    return components
+
+
 def build_document() -> JsonObject:
     """The OpenAPI 3.1 document of a replica's HTTP API (a fresh dict on every call)."""
     document: JsonObject = {
@@ -860,7 +539,7 @@ def build_document() -> JsonObject:
             **_open_operations(),
         },
         "components": {
-            "schemas": SCHEMAS,
+            "schemas": {"PaymentRequest": PAYMENT_REQUEST, **response_components()},
             "securitySchemes": {
                 "bearer": {
                     "type": "http",

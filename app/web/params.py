@@ -9,6 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 BIGINT_MAX = 2**63 - 1
+# Page sizes of GET /v1/payments (the handler, the response model and the document share them).
+LIST_LIMIT_DEFAULT = 50
+LIST_LIMIT_MAX = 500
 
 
 # Longer than any 63-bit integer; checked before int() so a huge string is never converted

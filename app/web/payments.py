@@ -6,14 +6,11 @@ from aiohttp import web
 
 from app.domain.states import PaymentStatus
 from app.store import payments as queue
-from app.web.params import BIGINT_MAX, int_param, parse_id
+from app.web.params import BIGINT_MAX, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, int_param, parse_id
 from app.web.problems import problem
-from app.web.schemas import json_response
+from app.web.schemas import PaymentList, json_response, payment_body
 from app.web.state import ENGINE, SETTINGS
 from app.web.validation import InvalidRequest, check_idempotency_key, parse_payment
-
-LIST_LIMIT_DEFAULT = 50
-LIST_LIMIT_MAX = 500
 
 
 async def create_payment(request: web.Request) -> web.Response:
@@ -50,7 +47,7 @@ async def create_payment(request: web.Request) -> web.Response:
         )
     location = f"/v1/payments/{payment.id}"
     return json_response(
-        payment.to_json(), status=202 if created else 200, headers={"Location": location}
+        payment_body(payment), status=202 if created else 200, headers={"Location": location}
     )
 
 
@@ -64,7 +61,7 @@ async def get_payment(request: web.Request) -> web.Response:
         payment = await queue.get_payment(conn, payment_id)
     if payment is None:
         return problem(404, "Payment not found", f"no payment has id {payment_id}")
-    return json_response(payment.to_json())
+    return json_response(payment_body(payment))
 
 
 async def list_payments(request: web.Request) -> web.Response:
@@ -89,11 +86,11 @@ async def list_payments(request: web.Request) -> web.Response:
     has_more = len(page) > limit
     page = page[:limit]
     return json_response(
-        {
-            "data": [payment.to_json() for payment in page],
-            "has_more": has_more,
-            "next_after": page[-1].id if has_more else None,
-        }
+        PaymentList(
+            data=[payment_body(payment) for payment in page],
+            has_more=has_more,
+            next_after=page[-1].id if has_more else None,
+        )
     )
 
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from app.errors import DatabaseUnavailable
 from app.store.engine import translate
+from app.web.schemas import FieldError, Problem, body_text
 from app.web.validation import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -27,21 +26,21 @@ def problem(
     *,
     errors: list[dict[str, str]] | None = None,
     headers: dict[str, str] | None = None,
-    **extra: Any,
+    payment_id: int | None = None,
 ) -> web.Response:
-    """A problem+json response; ``errors`` lists offending fields for validation failures."""
-    body: dict[str, Any] = {
-        "type": f"https://paydispatch.dev/problems/{status}",
-        "title": title,
-        "status": status,
-        "detail": detail or title,
-    }
-    if errors is not None:
-        body["errors"] = errors
-    body.update(extra)
+    """A problem+json response; ``errors`` lists offending fields for validation failures,
+    ``payment_id`` the payment a reused Idempotency-Key already belongs to."""
+    body = Problem(
+        type=f"https://paydispatch.dev/problems/{status}",
+        title=title,
+        status=status,
+        detail=detail or title,
+        errors=None if errors is None else [FieldError.model_validate(e) for e in errors],
+        payment_id=payment_id,
+    )
     return web.Response(
         status=status,
-        text=json.dumps(body),
+        text=body_text(body),
         content_type=PROBLEM_JSON,
         headers=headers,
     )

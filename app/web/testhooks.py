@@ -1,4 +1,8 @@
-"""Test hooks (``PAYDISPATCH_TEST_HOOKS``): break a replica on purpose, or look inside it."""
+"""Test hooks (``PAYDISPATCH_TEST_HOOKS``): break a replica on purpose, or look inside it.
+
+Undocumented on purpose (never in /openapi.json), so their answers are plain dicts rather
+than response models from app/web/schemas.py.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,6 @@ import time
 
 from aiohttp import web
 
-from app.web.schemas import json_response
-
 log = logging.getLogger(__name__)
 
 
@@ -18,7 +20,7 @@ async def block_loop(request: web.Request) -> web.Response:
     seconds = float(request.query.get("seconds", "3"))
     log.warning("test hook: blocking the event loop for %.1fs", seconds)
     time.sleep(seconds)  # noqa: ASYNC251  # blocking the loop is this hook's whole point
-    return json_response({"blocked_s": seconds})
+    return web.json_response({"blocked_s": seconds})
 
 
 async def dump_tasks(request: web.Request) -> web.Response:
@@ -30,7 +32,7 @@ async def dump_tasks(request: web.Request) -> web.Response:
             f"{f.f_code.co_filename.rsplit('/', 2)[-1]}:{f.f_lineno} {f.f_code.co_name}"
             for f in frames
         ]
-    return json_response(out)
+    return web.json_response(out)
 
 
 def add_test_hooks(app: web.Application) -> None:

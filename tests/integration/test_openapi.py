@@ -1,12 +1,16 @@
-"""The OpenAPI document (app/openapi.py): complete, valid OpenAPI 3.1, and true of a real server.
+"""The OpenAPI document (app/web/openapi.py): complete, valid OpenAPI 3.1, and true of a real
+server.
 
-Four kinds of test:
+Five kinds of test:
 
 * route coverage — every (method, path) the replica's router serves, except HEAD twins and
   the ``/_test/*`` hooks, is documented with the same method, and nothing else is;
 * validity — the document passes ``openapi-spec-validator`` (OpenAPI 3.1 meta-schema plus
   every Schema Object against the 3.1 dialect), offline, and keeps the conventions the
   README promises (bearer on ``/v1/*`` only, problem+json errors);
+* generated responses — every documented response schema is the one pydantic generates from
+  the model its handler answers with (app/web/schemas.py); only the request body is
+  hand-written;
 * fuzzing — schemathesis generates requests from the document as served by a real ingest API
   on 127.0.0.1 over a real Postgres database, in its positive (valid by the document) and
   negative (invalid) modes. Every answer must pass schemathesis's checks (no 5xx, documented
@@ -51,17 +55,18 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, Phase
 from openapi_spec_validator import validate as validate_openapi
+from pydantic import BaseModel
 from schemathesis import Case, GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.errors import FailureGroup
 
 from app.domain.payment import METADATA_MAX_BYTES
+from app.domain.states import PaymentStatus
 from app.replica import create_replica_app
 from app.settings import Settings, load_settings
 from app.stack.etcd import EtcdCluster
 from app.stack.ports import free_port
-from app.web import openapi
-from app.web import payments as payment_routes
+from app.web import openapi, problems, schemas
 from app.web.app import create_app
 from tests.conftest import TEST_API_KEY, RunningApi
 
@@ -123,7 +128,7 @@ def test_every_route_is_documented_and_nothing_else() -> None:
 
     routed = routed_operations(app)
     documented = documented_operations(openapi.build_document())
-    assert sorted(routed - documented) == [], "routes missing from app/openapi.py"
+    assert sorted(routed - documented) == [], "routes missing from app/web/openapi.py"
     assert sorted(documented - routed) == [], "documented operations that no route serves"
 
 
@@ -179,26 +184,87 @@ def test_bearer_auth_guards_exactly_the_v1_routes() -> None:
 
 def test_every_error_is_a_problem_document() -> None:
     document = openapi.build_document()
-    # The one exception is deliberate and documented: /readyz answers its 503 with the same
-    # status object as its 200, so probes read one shape (app/api.py readyz).
+    # The one exception is deliberate and documented: /readyz answers its 503 with a status
+    # object like its 200, so probes read one shape (app/web/health.py readyz).
     exceptions = {("/readyz", "get", "503")}
     for path, method, operation in iter_operations(document):
         for status, response in operation["responses"].items():
             if int(status) < 400 or (path, method, status) in exceptions:
                 continue
-            assert list(response["content"]) == [openapi.PROBLEM_JSON], (path, method, status)
-            schema = response["content"][openapi.PROBLEM_JSON]["schema"]
+            assert list(response["content"]) == [problems.PROBLEM_JSON], (path, method, status)
+            schema = response["content"][problems.PROBLEM_JSON]["schema"]
             assert schema == {"$ref": "#/components/schemas/Problem"}, (path, method, status)
     problem = document["components"]["schemas"]["Problem"]
     assert problem["required"] == ["type", "title", "status", "detail"]
     assert set(problem["properties"]) >= {"type", "title", "status", "detail", "errors"}
 
 
-def test_bounds_agree_with_the_handlers() -> None:
-    # app/openapi.py cannot import app/api.py (which imports it), so it keeps copies.
-    assert openapi.LIST_LIMIT_DEFAULT == payment_routes.LIST_LIMIT_DEFAULT
-    assert openapi.LIST_LIMIT_MAX == payment_routes.LIST_LIMIT_MAX
-    assert sorted(c.alpha_3 for c in pycountry.currencies) == openapi.ISO_4217_CODES
+# --- every response schema is generated from the model its handler answers with ----------
+
+# The success answer of each JSON operation and the model its handler builds it from (the
+# fuzz and probe tests below check that the bodies served match these schemas).
+ANSWERS: Final[dict[tuple[str, str, str], type[BaseModel]]] = {
+    ("post", "/v1/payments", "202"): schemas.Payment,
+    ("post", "/v1/payments", "200"): schemas.Payment,
+    ("get", "/v1/payments", "200"): schemas.PaymentList,
+    ("get", "/v1/payments/{id}", "200"): schemas.Payment,
+    ("get", "/v1/leader", "200"): schemas.Leader,
+    ("get", "/v1/node", "200"): schemas.Node,
+    ("get", "/v1/cluster", "200"): schemas.Cluster,
+    ("post", "/v1/admin/payments/{id}/retry", "200"): schemas.Requeued,
+    ("post", "/v1/admin/payments/{id}/reconcile", "200"): schemas.Reconciled,
+    ("post", "/v1/admin/leader/resign", "200"): schemas.HandedOver,
+    ("get", "/livez", "200"): schemas.Alive,
+    ("get", "/readyz", "200"): schemas.Ready,
+}
+# Answers that are one of several models.
+ALTERNATIVE_ANSWERS: Final[dict[tuple[str, str, str], tuple[type[BaseModel], ...]]] = {
+    ("get", "/readyz", "503"): (schemas.NotReady, schemas.ShuttingDown),
+}
+# JSON answers that are not the API's data: the document itself.
+UNMODELLED: Final = {("get", "/openapi.json", "200")}
+
+
+def _component_ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def test_every_documented_response_schema_is_generated_from_its_model() -> None:
+    document = openapi.build_document()
+    components = document["components"]["schemas"]
+    # Each model's component is exactly what pydantic generates for it, and so is every
+    # model it nests; nothing else is a component but the hand-written request body.
+    expected: dict[str, Any] = {}
+    for model in schemas.RESPONSE_MODELS:
+        generated = model.model_json_schema(
+            ref_template="#/components/schemas/{model}",
+            schema_generator=schemas.ResponseSchemaGenerator,
+            mode="serialization",
+        )
+        expected.update(generated.pop("$defs", {}))
+        expected[model.__name__] = generated
+    assert {name: components[name] for name in components if name != "PaymentRequest"} == expected
+
+    for path, method, operation in iter_operations(document):
+        for status, response in operation["responses"].items():
+            content = response.get("content", {})
+            if schemas.JSON not in content or (method, path, status) in UNMODELLED:
+                continue
+            where = (method, path, status)
+            schema = content[schemas.JSON]["schema"]
+            if where in ALTERNATIVE_ANSWERS:
+                assert schema == {"oneOf": [_component_ref(m) for m in ALTERNATIVE_ANSWERS[where]]}
+            else:
+                assert where in ANSWERS, f"{where}: which model builds this answer?"
+                assert schema == _component_ref(ANSWERS[where]), where
+    # Errors are problem documents (test_every_error_is_a_problem_document), from one model.
+    assert components["Problem"] == expected[schemas.Problem.__name__]
+
+
+def test_the_queue_depth_names_every_payment_status() -> None:
+    # /v1/cluster's queue object is written out field by field (a closed, typed shape);
+    # it must name every status the store counts, in the enum's order.
+    assert list(schemas.QueueDepth.model_fields) == [status.value for status in PaymentStatus]
 
 
 async def test_document_is_served_without_auth() -> None:
