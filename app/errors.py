@@ -58,16 +58,39 @@ class ProviderError(PaydispatchError):
 
 
 class RetryableProviderError(ProviderError):
-    """The provider said 'try again' (5xx, 409 concurrent request with the same key)."""
+    """The provider said 'try again' (5xx, 409 concurrent request with the same key, 429)."""
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after  # seconds the provider asked us to wait, if it said
+
+
+class UnknownOutcome(ProviderError):
+    """The provider may or may not have charged (timeout, connection lost, response dropped,
+    an answer that proves nothing); retry with the same key and the provider answers with the
+    original result, or look the key up."""
 
     def __init__(self, message: str | None = None, *, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
 
 
-class UnknownOutcome(ProviderError):
-    """The provider may or may not have charged (timeout, connection lost, response dropped);
-    retry with the same idempotency key and the provider answers with the original result."""
+class ChargeMismatch(ProviderError):
+    """The provider answered with a charge that is not this payment's (another amount,
+    currency, key or payment id): nothing is recorded as charged, and the payment waits for
+    reconciliation, because something outside paydispatch is wrong (a shared provider
+    account, a payments table reset while the provider's ledger survived, a broken proxy)."""
+
+    def __init__(self, message: str | None = None, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class TerminalProviderError(ProviderError):

@@ -71,11 +71,11 @@ async def read_ledger(provider_url: str, *, timeout: float = 10.0) -> list[dict[
 
 
 async def read_payments(database_url: str) -> list[dict[str, Any]]:
-    """Every payment's key, status, charge id, amount and currency."""
+    """Every payment's keys, status, charge id, amount and currency."""
     conn = await asyncpg.connect(database_url)
     try:
         rows = await conn.fetch(
-            "SELECT id, idempotency_key, status, provider_charge_id, amount, currency"
+            "SELECT id, idempotency_key, provider_key, status, provider_charge_id, amount, currency"
             " FROM payments ORDER BY id"
         )
     finally:
@@ -96,13 +96,16 @@ def compare(
 ) -> Verdict:
     """The pure comparison behind check_exactly_once (easy to reason about and to test)."""
     verdict = Verdict(accepted=len(payments))
-    by_key = {p["idempotency_key"]: p for p in payments}
+    # The provider knows a payment by the key paydispatch sent (its provider key); rows from
+    # before provider keys existed were sent under the client's key.
+    by_key = {_sent_key(p): p for p in payments}
+    by_client_key = {p["idempotency_key"]: p for p in payments}
     by_id = {str(p["id"]): p for p in payments}
     verdict.by_status = dict(Counter(p["status"] for p in payments))
 
     charges_for: dict[str, list[dict[str, Any]]] = {}
     for charge in ledger:
-        payment = by_key.get(charge.get("idempotency_key"))
+        payment = by_key.get(str(charge.get("idempotency_key")))
         if payment is None:
             # A charge under a foreign key that names one of our payments is a duplicate
             # charge made with the wrong key — the very bug idempotency keys prevent.
@@ -112,20 +115,19 @@ def compare(
             verdict.unexpected += 1
             verdict.note("unexpected", str(charge.get("id")))
             continue
-        charges_for.setdefault(payment["idempotency_key"], []).append(charge)
+        charges_for.setdefault(_sent_key(payment), []).append(charge)
         if charge.get("status") == "declined":
             verdict.declined += 1
         else:
             verdict.charged += 1
 
     for key in acknowledged:
-        if key not in by_key:
+        if key not in by_client_key:
             verdict.lost += 1
             verdict.note("lost", f"acknowledged key {key} has no payment row")
 
     for payment in payments:
-        key = payment["idempotency_key"]
-        charges = charges_for.get(key, [])
+        charges = charges_for.get(_sent_key(payment), [])
         status = payment["status"]
         if len(charges) > 1:
             verdict.duplicates += len(charges) - 1
@@ -163,6 +165,11 @@ def compare(
                 f" vs ledger {charge.get('status')}/{charge.get('id')}",
             )
     return verdict
+
+
+def _sent_key(payment: dict[str, Any]) -> str:
+    """The key the provider was sent for ``payment``."""
+    return str(payment.get("provider_key") or payment["idempotency_key"])
 
 
 def _terms_differ(payment: dict[str, Any], charge: dict[str, Any]) -> bool:

@@ -29,6 +29,7 @@ from app.domain.payment import Claimed, Outcome
 from app.domain.retry import RetryPolicy
 from app.domain.states import PaymentStatus
 from app.errors import (
+    ChargeMismatch,
     DatabaseUnavailable,
     LeadershipLost,
     RetryableProviderError,
@@ -64,6 +65,16 @@ class DispatchStats:
     outcomes: dict[str, int] = field(default_factory=dict)
 
 
+def retry_policy(settings: Settings) -> RetryPolicy:
+    """The retry policy the settings describe (the dispatcher's, and the admin retry's)."""
+    return RetryPolicy(
+        max_attempts=settings.max_attempts,
+        base_delay=settings.retry_base_delay,
+        max_delay=settings.retry_max_delay,
+        retention=timedelta(hours=settings.idempotency_retention_hours),
+    )
+
+
 class Dispatcher:
     """One term's queue drain. Create per term; ``run()`` until stopping or cancelled."""
 
@@ -89,16 +100,12 @@ class Dispatcher:
         self.fenced = FencedWriter(
             engine, fence_name=settings.fence_name, token=self.token, on_stale=self._fenced_out
         )
-        self.retry = RetryPolicy(
-            max_attempts=settings.max_attempts,
-            base_delay=settings.retry_base_delay,
-            max_delay=settings.retry_max_delay,
-            retention=timedelta(hours=settings.idempotency_retention_hours),
-        )
+        self.retry = retry_policy(settings)
         self._wake = asyncio.Event()
         self._outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
         self._calls: dict[int, asyncio.Task[None]] = {}
         self._claimed: set[int] = set()  # in flight under our token, not yet recorded
+        self._lost: LeadershipLost | None = None  # set by a call that found the term over
 
     # --- the term -------------------------------------------------------------------------
 
@@ -142,6 +149,8 @@ class Dispatcher:
         low_water = max(1, min(batch_size, settings.dispatch_concurrency) // 4)
         while not self.leadership.stopping.is_set():
             self.last_progress = time.monotonic()
+            if self._lost is not None:
+                raise self._lost
             for helper in helpers:
                 if helper.done():
                     helper.result()  # a recorder error (StaleLeader...) ends the term
@@ -188,8 +197,19 @@ class Dispatcher:
 
     async def _claim(self, limit: int) -> list[Claimed]:
         timeout = self.leadership.call_timeout(self.settings.db_timeout)
+        horizon = self.retry.horizon.total_seconds()
         async with self.fenced.transaction(timeout) as conn:
-            claimed = await payments.claim(conn, token=self.token, limit=limit)
+            parked = await payments.park_expired(conn, token=self.token, horizon=horizon)
+            claimed = await payments.claim(conn, token=self.token, limit=limit, horizon=horizon)
+        if parked:
+            self.stats.needs_reconciliation += len(parked)
+            log.warning(
+                "token %s: %d payments too old to re-send safely were parked for a ledger "
+                "lookup: %s",
+                self.token,
+                len(parked),
+                parked[:20],
+            )
         if claimed:
             self.stats.claimed += len(claimed)
             self.stats.batches += 1
@@ -197,6 +217,8 @@ class Dispatcher:
         return claimed
 
     async def _call(self, payment: Claimed) -> None:
+        """One provider call. Every way out ends in an outcome queued for recording, or in
+        the end of the term (whose way out releases what is still claimed)."""
         # Each call is its own task, so this binding is local to the payment's log lines.
         structlog.contextvars.bind_contextvars(
             payment_id=payment.id, idempotency_key=payment.idempotency_key
@@ -206,14 +228,32 @@ class Dispatcher:
             timeout = self.leadership.call_timeout(self.settings.provider_timeout)
             with self.metrics.provider_latency.time():
                 charge = await self.provider.charge(payment.request(), timeout=timeout)
-        except LeadershipLost:
-            return  # validity ran out before the call: leave it claimed for release
+        except LeadershipLost as exc:
+            # Validity ran out before the call: nothing was sent. The term is over; make
+            # sure the claim loop ends it too (the way out releases this payment).
+            self._lost = exc
+            self._wake.set()
+            return
+        except ChargeMismatch as exc:
+            outcome = self._outcome(
+                payment,
+                PaymentStatus.NEEDS_RECONCILIATION,
+                "mismatch",
+                None,
+                str(exc),
+                exc.status,
+                started,
+            )
         except (RetryableProviderError, UnknownOutcome) as exc:
             outcome = self._retry_or_park(payment, exc, started)
         except TerminalProviderError as exc:
             outcome = self._outcome(
                 payment, PaymentStatus.FAILED, "failed", None, str(exc), exc.status, started
             )
+        except Exception as exc:  # a bug or a surprise: the charge may have been made
+            log.exception("provider call for payment %s ended unexpectedly", payment.id)
+            unknown = UnknownOutcome(f"the call ended unexpectedly: {type(exc).__name__}: {exc}")
+            outcome = self._retry_or_park(payment, unknown, started)
         else:
             outcome = self._from_charge(payment, charge, started)
         self._outcomes.put_nowait(outcome)
@@ -239,10 +279,12 @@ class Dispatcher:
             started,
         )
 
-    def _retry_or_park(self, payment: Claimed, exc: Exception, started: datetime) -> Outcome:
+    def _retry_or_park(
+        self, payment: Claimed, exc: RetryableProviderError | UnknownOutcome, started: datetime
+    ) -> Outcome:
         kind = "unknown" if isinstance(exc, UnknownOutcome) else "retry"
-        status_code = getattr(exc, "status", None)
-        if self.retry.should_park(payment.attempts, payment.created_at, datetime.now(UTC)):
+        now = datetime.now(UTC)
+        if self.retry.should_park(payment.attempts, payment.provider_key_issued_at, now):
             # Re-sending past the budget, or near the key's expiry at the provider, could
             # charge twice; look it up instead.
             return self._outcome(
@@ -251,12 +293,15 @@ class Dispatcher:
                 kind,
                 None,
                 f"{exc} (after {payment.attempts} attempts)",
-                status_code,
+                exc.status,
                 started,
             )
         delay = self.retry.delay(payment.attempts)
+        if isinstance(exc, RetryableProviderError) and exc.retry_after is not None:
+            # The provider said when; honour it, within our own cap.
+            delay = max(delay, min(exc.retry_after, self.settings.retry_max_delay))
         return self._outcome(
-            payment, PaymentStatus.PENDING, kind, None, str(exc), status_code, started, delay=delay
+            payment, PaymentStatus.PENDING, kind, None, str(exc), exc.status, started, delay=delay
         )
 
     def _outcome(

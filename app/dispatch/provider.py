@@ -1,7 +1,9 @@
 """Calls to the payment provider, classified into the outcomes the dispatcher acts on.
 
-Every call for a payment sends the payment's own idempotency key and identical parameters,
-so any retry — by this leader or the next — is answered with the original result.
+Every call for a payment sends the payment's own provider key and identical parameters, so
+any retry — by this leader or the next — is answered with the original result. What an
+answer means is decided in ``app.domain.outcome``; this module only moves bytes, and never
+follows a redirect (a POST turned into a GET at another address proves nothing).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import aiohttp
 
 from app.domain.outcome import Charge, charge_from_ledger, classify_charge_answer, decode_body
 from app.domain.payment import ChargeRequest
-from app.errors import RetryableProviderError, UnknownOutcome
+from app.errors import UnknownOutcome
 
 
 class ProviderClient:
@@ -21,23 +23,22 @@ class ProviderClient:
         self.session = session
 
     async def charge(self, request: ChargeRequest, *, timeout: float) -> Charge:
-        """POST /v1/charges. Returns a Charge, or raises:
-
-        RetryableProviderError — 409 (same key in progress), 429, 5xx: retry, same key;
-        UnknownOutcome — timeout, connection lost, response dropped: retry, same key;
-        TerminalProviderError — the provider rejected the request itself (4xx).
+        """POST /v1/charges. Returns this payment's Charge, or raises what
+        ``classify_charge_answer`` raises; a timeout or a lost connection is UnknownOutcome.
         """
         try:
             async with self.session.post(
                 f"{self.base_url}/v1/charges",
                 data=request.body(),
                 headers={
-                    "Idempotency-Key": request.idempotency_key,
+                    "Idempotency-Key": request.provider_key,
                     "Content-Type": "application/json",
                 },
                 timeout=aiohttp.ClientTimeout(total=timeout),
+                allow_redirects=False,
             ) as resp:
                 status = resp.status
+                retry_after = resp.headers.get("Retry-After")
                 raw = await resp.read()
         except TimeoutError as exc:
             raise UnknownOutcome(f"provider did not answer within {timeout:.2f}s") from exc
@@ -45,21 +46,23 @@ class ProviderClient:
             raise UnknownOutcome(
                 f"provider connection failed: {type(exc).__name__}: {exc}"
             ) from exc
-        return classify_charge_answer(status, raw)
+        return classify_charge_answer(status, raw, request, retry_after=retry_after)
 
-    async def find_by_key(self, idempotency_key: str, *, timeout: float) -> Charge | None:
-        """Look a charge up in the provider's ledger by idempotency key (reconciliation)."""
+    async def find_by_key(self, provider_key: str, *, timeout: float) -> Charge | None:
+        """Look a charge up in the provider's ledger by its key (reconciliation). Raises
+        UnknownOutcome when the ledger cannot be read or answers something unusable."""
         try:
             async with self.session.get(
                 f"{self.base_url}/v1/charges",
-                params={"idempotency_key": idempotency_key, "limit": "1"},
+                params={"idempotency_key": provider_key, "limit": "1"},
                 timeout=aiohttp.ClientTimeout(total=timeout),
+                allow_redirects=False,
             ) as resp:
                 if resp.status != 200:
-                    raise RetryableProviderError(
+                    raise UnknownOutcome(
                         f"ledger lookup answered {resp.status}", status=resp.status
                     )
                 payload = decode_body(await resp.read())
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise UnknownOutcome(f"ledger lookup failed: {exc}") from exc
-        return charge_from_ledger(payload, idempotency_key)
+        return charge_from_ledger(payload, provider_key)

@@ -1,11 +1,14 @@
 """Reconciliation: settle a needs_reconciliation payment from the provider's ledger.
 
 A payment lands in needs_reconciliation when its outcome stayed unknown past the attempt
-budget or the provider's key retention. Nothing is re-sent here: the charge filed under the
-payment's idempotency key is looked up, and the payment is settled from it. Both the leader's
-periodic sweep and the operator's admin endpoint go through ``reconcile_one``; they differ
-only in how the settlement is written (a fenced leader write, or an operator write stamped
-with the fence's current token), which each passes in as ``settle``.
+budget, when its provider key is too old to be re-sent safely, or when the provider answered
+with a charge that was not the payment's. Nothing is re-sent here: the charge filed under the
+payment's provider key is looked up, checked against the payment (amount, currency, key,
+payment id) exactly as a charge answer is, and only a matching charge settles the payment.
+
+Both the leader's periodic sweep and the operator's admin endpoint go through
+``reconcile_one``; they differ only in how the settlement is written (a fenced leader write,
+or an operator write stamped with the fence's current token), which each passes in.
 """
 
 from __future__ import annotations
@@ -15,16 +18,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from app.dispatch.provider import ProviderClient
-from app.domain.outcome import Charge
+from app.domain.outcome import mismatch
 from app.domain.payment import ReconcileCandidate
 from app.domain.states import PaymentStatus
-from app.errors import RetryableProviderError, UnknownOutcome
+from app.errors import ProviderError
 from app.store import payments
 from app.store.engine import Engine
 
 log = logging.getLogger(__name__)
 
-SWEEP_BATCH = 50  # candidates looked at per sweep, the longest untouched first
+PAGE = 50  # candidates read per query; a sweep pages through all of them
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,37 +43,36 @@ class Settlement:
 class Reconciled:
     """What reconciling one payment found and did."""
 
-    settlement: Settlement | None  # None: the ledger holds no charge under the key
-    applied: bool  # False: no charge, or the payment moved on before the write
+    settlement: Settlement | None  # None: nothing in the ledger settles it (see ``why``)
+    applied: bool  # False: not settled, or the payment moved on before the write
+    why: str | None = None  # why it was not settled, in an operator's words
 
 
 # Writes a settlement; False when the payment was no longer waiting for reconciliation.
 Settle = Callable[[Settlement], Awaitable[bool]]
 
 
-def settlement_for(payment_id: int, charge: Charge) -> Settlement:
-    """How a charge found in the ledger settles its payment: a declined charge → declined,
-    any other charge → succeeded.
-
-    The one place where a ledger entry becomes a terminal state, for both callers: a check
-    that the charge really belongs to the payment (amount, currency, key) belongs here.
-    """
-    status = PaymentStatus.DECLINED if charge.status == "declined" else PaymentStatus.SUCCEEDED
-    return Settlement(payment_id, status, charge.charge_id)
-
-
 async def reconcile_one(
     provider: ProviderClient, candidate: ReconcileCandidate, *, timeout: float, settle: Settle
 ) -> Reconciled:
-    """Look ``candidate``'s charge up by idempotency key and, if there is one, ``settle`` it.
+    """Look ``candidate``'s charge up by its provider key and, if it is the payment's own,
+    ``settle`` it.
 
-    Raises RetryableProviderError or UnknownOutcome when the ledger cannot be read (nothing
-    is written then); whatever ``settle`` raises passes through.
+    Raises ProviderError when the ledger cannot be read or answers something unusable
+    (nothing is written then); whatever ``settle`` raises passes through.
     """
-    charge = await provider.find_by_key(candidate.idempotency_key, timeout=timeout)
+    charge = await provider.find_by_key(candidate.provider_key, timeout=timeout)
     if charge is None:
-        return Reconciled(None, applied=False)  # never charged: an operator decides
-    settlement = settlement_for(candidate.id, charge)
+        return Reconciled(
+            None,
+            applied=False,
+            why=f"the provider has no charge under key {candidate.provider_key}",
+        )
+    reason = mismatch(charge, candidate.request())
+    if reason is not None:
+        return Reconciled(None, applied=False, why=reason)
+    status = PaymentStatus.DECLINED if charge.status == "declined" else PaymentStatus.SUCCEEDED
+    settlement = Settlement(candidate.id, status, charge.charge_id)
     return Reconciled(settlement, applied=await settle(settlement))
 
 
@@ -80,23 +82,31 @@ async def sweep(
     *,
     lookup_timeout: Callable[[], float],
     settle: Settle,
-    limit: int = SWEEP_BATCH,
+    page: int = PAGE,
 ) -> int:
-    """One pass of the leader's sweep over the oldest ``limit`` candidates; how many it settled.
+    """One pass of the leader's sweep over every candidate, by id; how many it settled.
 
-    A candidate with no charge at the provider is left for an operator. The first failed
-    lookup ends the pass (logged): the provider is likely down for the rest too, and the
-    next pass tries again. ``lookup_timeout`` is asked before every lookup, so the leader
-    can bound each one by its remaining validity (and raise when none is left).
+    A candidate nothing in the ledger settles is left for an operator; a failed lookup is
+    skipped (logged) and retried on the next pass — neither holds up the rows behind it.
+    ``lookup_timeout`` is asked before every lookup, so the leader can bound each one by its
+    remaining validity (and raise when none is left).
     """
-    async with engine.connect() as conn:
-        candidates = await payments.reconcile_candidates(conn, limit=limit)
     settled = 0
-    for candidate in candidates:
-        try:
-            done = await reconcile_one(provider, candidate, timeout=lookup_timeout(), settle=settle)
-        except (RetryableProviderError, UnknownOutcome) as exc:
-            log.warning("reconcile of payment %s deferred: %s", candidate.id, exc)
-            break
-        settled += done.applied
-    return settled
+    after = 0
+    while True:
+        async with engine.connect() as conn:
+            candidates = await payments.reconcile_candidates(conn, after=after, limit=page)
+        for candidate in candidates:
+            try:
+                done = await reconcile_one(
+                    provider, candidate, timeout=lookup_timeout(), settle=settle
+                )
+            except ProviderError as exc:
+                log.warning("reconcile of payment %s deferred: %s", candidate.id, exc)
+                continue
+            settled += done.applied
+            if done.why is not None:
+                log.debug("payment %s not reconciled: %s", candidate.id, done.why)
+        if len(candidates) < page:
+            return settled
+        after = candidates[-1].id

@@ -1,7 +1,20 @@
 """Provider answers → outcomes. Pure: no I/O, no clock, so every answer class is testable.
 
-The dispatcher acts on three families (see ``app.errors``): a definite ``Charge``
-(succeeded or declined), a retryable error (same key, later), and a terminal rejection.
+The rule (DESIGN.md, "Payment states"): a payment is made final only on an answer that
+proves its outcome.
+
+- A charge is recorded only if the answer is a well-formed charge object (non-empty id,
+  status ``succeeded`` or ``declined``) **and** it is this payment's: same amount, currency,
+  provider key and payment id (:func:`mismatch`). A well-formed charge that is someone
+  else's raises :class:`~app.errors.ChargeMismatch` — never a success.
+- 409 (same key still processing), 429 and 5xx are retryable with the same key.
+- Only an explicit "this request is invalid" — 400 or 422 with the provider's reason in a
+  JSON body — is terminal (``failed``).
+- Everything else is an unknown outcome: a 2xx without a usable charge, a redirect (never
+  followed), 401/403/404/408 from a proxy or rotated credentials, an unparseable body.
+  The payment is retried with the same key, which the provider answers with the original
+  result, or reconciled by looking the key up.
+
 Transport failures (timeout, connection lost) never reach this module: the provider client
 turns them into ``UnknownOutcome`` before there is an answer to classify.
 """
@@ -12,20 +25,31 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from app.errors import RetryableProviderError, TerminalProviderError
+from app.domain.payment import ChargeRequest
+from app.errors import (
+    ChargeMismatch,
+    RetryableProviderError,
+    TerminalProviderError,
+    UnknownOutcome,
+)
 
-# Statuses whose body may carry a charge: 200/201 (made or replayed), 402 (declined).
-CHARGE_STATUSES = frozenset({200, 201, 402})
+CHARGE_STATUSES = frozenset({"succeeded", "declined"})
+INVALID_REQUEST = frozenset({400, 422})
+MAX_ID_LENGTH = 255
 
 
 @dataclass(frozen=True, slots=True)
 class Charge:
-    """A definite result from the provider."""
+    """A definite result from the provider, as it described the charge."""
 
     charge_id: str
     status: str  # "succeeded" | "declined"
     decline_code: str | None
     http_status: int
+    amount: object = None  # as the provider sent them: compared, never trusted
+    currency: object = None
+    provider_key: object = None
+    payment_id: object = None
 
 
 def decode_body(raw: bytes) -> dict[str, Any]:
@@ -40,32 +64,136 @@ def decode_body(raw: bytes) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def classify_charge_answer(status: int, raw: bytes) -> Charge:
-    """What an answer to ``POST /v1/charges`` means. Returns the Charge, or raises:
+def parse_charge(payload: dict[str, Any], http_status: int) -> Charge | None:
+    """A charge object as a Charge, or None when it is not a well-formed charge."""
+    charge_id = payload.get("id")
+    status = payload.get("status")
+    if http_status == 402 and status is None:
+        status = "declined"
+    if not isinstance(charge_id, str) or not 0 < len(charge_id) <= MAX_ID_LENGTH:
+        return None
+    if status not in CHARGE_STATUSES or (http_status == 402 and status != "declined"):
+        return None
+    decline_code = payload.get("decline_code")
+    metadata = payload.get("metadata")
+    return Charge(
+        charge_id=charge_id,
+        status=str(status),
+        decline_code=decline_code if isinstance(decline_code, str) else None,
+        http_status=http_status,
+        amount=payload.get("amount"),
+        currency=payload.get("currency"),
+        provider_key=payload.get("idempotency_key"),
+        payment_id=metadata.get("payment_id") if isinstance(metadata, dict) else None,
+    )
 
-    RetryableProviderError — 409 (same key in progress), 429, 5xx: retry, same key;
-    TerminalProviderError — any other answer without a usable charge.
+
+def mismatch(charge: Charge, request: ChargeRequest) -> str | None:
+    """Why ``charge`` is not the charge of ``request``'s payment, or None when it is.
+
+    Every field is compared exactly as sent: a missing field is a mismatch too, since a
+    charge that does not say what it charged proves nothing about this payment.
+    """
+    expected = {
+        "amount": request.amount,
+        "currency": request.currency,
+        "idempotency key": request.provider_key,
+        "payment id": str(request.payment_id),
+    }
+    found = {
+        "amount": charge.amount,
+        "currency": charge.currency,
+        "idempotency key": charge.provider_key,
+        "payment id": charge.payment_id,
+    }
+    differ = [
+        f"{name} {found[name]!r} (expected {want!r})"
+        for name, want in expected.items()
+        if type(found[name]) is not type(want) or found[name] != want
+    ]
+    if not differ:
+        return None
+    return f"charge {charge.charge_id} does not match the payment: " + ", ".join(differ)
+
+
+def classify_charge_answer(
+    status: int, raw: bytes, request: ChargeRequest, *, retry_after: str | None = None
+) -> Charge:
+    """What an answer to ``POST /v1/charges`` for ``request`` means.
+
+    Returns this payment's Charge, or raises RetryableProviderError (409/429/5xx, with the
+    provider's Retry-After in seconds when it gave one), TerminalProviderError (400/422 with
+    a reason), ChargeMismatch (a well-formed charge that is not this payment's) or
+    UnknownOutcome (anything else).
     """
     payload = decode_body(raw)
-    if status in CHARGE_STATUSES and isinstance(payload.get("id"), str):
-        declined = status == 402 or payload.get("status") == "declined"
-        return Charge(
-            charge_id=payload["id"],
-            status="declined" if declined else "succeeded",
-            decline_code=payload.get("decline_code"),
-            http_status=status,
+    if status in (200, 201, 402):
+        charge = parse_charge(payload, status)
+        if charge is None:
+            raise UnknownOutcome(
+                f"provider answered {status} without a usable charge: {_detail(payload, raw)}",
+                status=status,
+            )
+        reason = mismatch(charge, request)
+        if reason is not None:
+            raise ChargeMismatch(reason, status=status)
+        return charge
+    if status in (409, 429) or 500 <= status <= 599:
+        raise RetryableProviderError(
+            f"provider answered {status}: {_detail(payload, raw)}",
+            status=status,
+            retry_after=parse_retry_after(retry_after),
         )
-    detail = str(
-        payload.get("detail") or payload.get("title") or raw[:200].decode(errors="replace")
+    if status in INVALID_REQUEST and _reason(payload):
+        raise TerminalProviderError(
+            f"provider rejected the charge as invalid ({status}): {_reason(payload)}",
+            status=status,
+        )
+    raise UnknownOutcome(
+        f"provider answered {status}, which proves nothing about the charge: "
+        f"{_detail(payload, raw)}",
+        status=status,
     )
-    if status in (409, 429) or status >= 500:
-        raise RetryableProviderError(f"provider answered {status}: {detail}", status=status)
-    raise TerminalProviderError(f"provider rejected the charge ({status}): {detail}", status=status)
 
 
-def charge_from_ledger(payload: dict[str, Any], idempotency_key: str) -> Charge | None:
-    """The charge filed under ``idempotency_key`` in a ledger page, or None."""
-    for item in payload.get("data", []):
-        if item.get("idempotency_key") == idempotency_key:
-            return Charge(item["id"], item["status"], item.get("decline_code"), 200)
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (the delta-seconds form), or None when absent or unusable."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not text.isascii() or not text.isdigit() or len(text) > 6:
+        return None  # an HTTP date, or nonsense: fall back to our own backoff
+    return float(text)
+
+
+def charge_from_ledger(payload: dict[str, Any], provider_key: str) -> Charge | None:
+    """The charge filed under ``provider_key`` in a ledger page, or None when the page has
+    none. A page that is not a ledger page raises UnknownOutcome (nothing can be concluded)."""
+    items = payload.get("data")
+    if not isinstance(items, list):
+        raise UnknownOutcome("the provider's ledger answered without a list of charges")
+    for item in items:
+        if isinstance(item, dict) and item.get("idempotency_key") == provider_key:
+            charge = parse_charge(item, 200)
+            if charge is None:
+                raise UnknownOutcome(
+                    f"the provider's ledger lists a malformed charge under key {provider_key}"
+                )
+            return charge
     return None
+
+
+def _reason(payload: dict[str, Any]) -> str:
+    """The provider's own words for a rejection ('' when it gave none)."""
+    for field in ("detail", "title", "message", "error"):
+        value = payload.get(field)
+        if isinstance(value, str) and value.strip():
+            return value.strip()[:300]
+    errors = payload.get("errors")
+    if isinstance(errors, list) and errors:
+        return json.dumps(errors)[:300]
+    return ""
+
+
+def _detail(payload: dict[str, Any], raw: bytes) -> str:
+    return _reason(payload) or raw[:200].decode(errors="replace") or "(empty body)"

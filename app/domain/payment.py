@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_v
 from app.domain.states import PaymentStatus
 
 BIGINT_MAX = 2**63 - 1
+# The largest amount a provider's JSON consumers hold exactly (IEEE doubles): the stand-in
+# provider caps there too. Refused at ingest (422), not discovered at the provider.
+AMOUNT_MAX = 2**53 - 1
 IDEMPOTENCY_KEY_MAX = 255
 METADATA_MAX_KEYS = 50
 METADATA_KEY_MAX = 40
@@ -27,7 +30,7 @@ class PaymentRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    amount: Annotated[StrictInt, Field(gt=0, le=BIGINT_MAX)]
+    amount: Annotated[StrictInt, Field(gt=0, le=AMOUNT_MAX)]
     currency: StrictStr
     reference: Annotated[StrictStr, Field(max_length=255)] | None = None
     description: Annotated[StrictStr, Field(max_length=1000)] | None = None
@@ -95,13 +98,19 @@ class Payment:
     created_at: datetime
     updated_at: datetime
     completed_at: datetime | None
+    provider_key: str
+    provider_key_issued_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
 class ChargeRequest:
-    """What is sent for a payment (the same bytes on every attempt)."""
+    """What is sent for a payment (the same bytes on every attempt).
 
-    idempotency_key: str
+    ``provider_key`` is the Idempotency-Key the provider sees: generated at ingest and unique
+    to the payment for all time, never the client's own key (which can repeat across
+    deployments sharing a provider account)."""
+
+    provider_key: str
     amount: int
     currency: str
     reference: str | None
@@ -125,7 +134,9 @@ class Claimed:
     """A payment this leader has stamped in_flight."""
 
     id: int
-    idempotency_key: str
+    idempotency_key: str  # the client's key: for log lines, never sent to the provider
+    provider_key: str
+    provider_key_issued_at: datetime
     amount: int
     currency: str
     reference: str | None
@@ -135,7 +146,7 @@ class Claimed:
     def request(self) -> ChargeRequest:
         """The provider request: identical on every attempt of this payment."""
         return ChargeRequest(
-            idempotency_key=self.idempotency_key,
+            provider_key=self.provider_key,
             amount=self.amount,
             currency=self.currency,
             reference=self.reference,
@@ -161,7 +172,21 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class ReconcileCandidate:
-    """A needs_reconciliation payment, as reconciliation looks it up in the provider's ledger."""
+    """A needs_reconciliation payment, as reconciliation looks it up in the provider's ledger
+    and checks what it finds there."""
 
     id: int
-    idempotency_key: str
+    provider_key: str
+    amount: int
+    currency: str
+    reference: str | None
+
+    def request(self) -> ChargeRequest:
+        """What was sent for this payment: the charge found must match it."""
+        return ChargeRequest(
+            provider_key=self.provider_key,
+            amount=self.amount,
+            currency=self.currency,
+            reference=self.reference,
+            payment_id=self.id,
+        )

@@ -21,13 +21,18 @@ class RetryPolicy:
     max_delay: float
     retention: timedelta
 
-    def too_old(self, created_at: datetime, now: datetime) -> bool:
-        """True when re-sending could outlive the provider's memory of the key."""
-        return now - created_at > self.retention * RETENTION_SAFETY
+    @property
+    def horizon(self) -> timedelta:
+        """How long after a provider key was first issued it may still be sent."""
+        return self.retention * RETENTION_SAFETY
 
-    def should_park(self, attempts: int, created_at: datetime, now: datetime) -> bool:
+    def too_old(self, key_issued_at: datetime, now: datetime) -> bool:
+        """True when re-sending could outlive the provider's memory of the key."""
+        return now - key_issued_at > self.horizon
+
+    def should_park(self, attempts: int, key_issued_at: datetime, now: datetime) -> bool:
         """True when the payment must go to reconciliation instead of another send."""
-        return attempts >= self.max_attempts or self.too_old(created_at, now)
+        return attempts >= self.max_attempts or self.too_old(key_issued_at, now)
 
     def delay(self, attempts: int, rng: random.Random | None = None) -> float:
         """Seconds to wait before attempt ``attempts + 1``: doubling from ``base_delay``,

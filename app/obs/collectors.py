@@ -75,6 +75,11 @@ def collect_replica(
         "Payments re-queued at takeover.",
         value=dispatch.recovered,
     )
+    yield gauge(
+        "paydispatch_oldest_unreconciled_seconds",
+        "How long the longest-waiting needs_reconciliation payment has waited (NaN: none).",
+        counts.oldest_unreconciled(),
+    )
     cached = counts.cached()
     if cached:
         family = GaugeMetricFamily(

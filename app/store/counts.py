@@ -20,11 +20,17 @@ class StatusCounts:
         self.timeout = timeout
         self._at = 0.0
         self._value: dict[str, int] = {}
+        self._oldest_unreconciled: float | None = None
         self._lock = asyncio.Lock()
 
     def cached(self) -> dict[str, int]:
         """The last counts read (empty before the first read)."""
         return dict(self._value)
+
+    def oldest_unreconciled(self) -> float | None:
+        """Seconds the longest-waiting needs_reconciliation payment had waited at the last
+        read (None: none waits, or nothing read yet)."""
+        return self._oldest_unreconciled
 
     async def counts(self) -> dict[str, int]:
         """Fresh enough counts; concurrent callers share one query."""
@@ -32,6 +38,8 @@ class StatusCounts:
             if time.monotonic() - self._at > CACHE_SECONDS:
                 async with asyncio.timeout(self.timeout), self.engine.connect() as conn:
                     counts = await payments.count_by_status(conn)
+                    oldest = await payments.oldest_unreconciled_age(conn)
+                self._oldest_unreconciled = oldest
                 self._value = {status.value: n for status, n in counts.items()}
                 self._at = time.monotonic()
             return dict(self._value)

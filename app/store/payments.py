@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 _PAYMENT_COLUMNS = (
     "id, idempotency_key, request_fingerprint, amount, currency, reference, description, "
     "metadata, status, attempts, next_attempt_at, fence_token, provider_charge_id, "
-    "last_error, created_at, updated_at, completed_at"
+    "last_error, created_at, updated_at, completed_at, provider_key, provider_key_issued_at"
 )
 
 _INSERT_PAYMENT = text(
@@ -102,11 +102,26 @@ async def list_payments(
 # Run them inside FencedWriter.transaction (app.store.fence): it opens with the fence
 # assertion, so a stale leader's statement fails before it touches a row.
 
+# A pending payment whose provider key is older than the horizon is never sent again: the
+# provider may have forgotten the key, and a send would be a new charge. It is parked for a
+# ledger lookup instead (no attempt row: nothing was sent).
+_PARK_EXPIRED = text(
+    """
+    UPDATE payments
+    SET status = 'needs_reconciliation', fence_token = :token, updated_at = now(),
+        last_error = 'not re-sent: its provider key is older than the provider keeps keys; '
+                     || 'looked up in the ledger instead'
+    WHERE status = 'pending' AND provider_key_issued_at < now() - make_interval(secs => :horizon)
+    RETURNING id
+    """
+)
+
 _CLAIM = text(
     """
     WITH batch AS (
         SELECT id FROM payments
         WHERE status = 'pending' AND next_attempt_at <= now()
+          AND provider_key_issued_at >= now() - make_interval(secs => :horizon)
         ORDER BY next_attempt_at, id
         LIMIT :limit
         FOR UPDATE SKIP LOCKED
@@ -116,8 +131,8 @@ _CLAIM = text(
         updated_at = now()
     FROM batch
     WHERE p.id = batch.id
-    RETURNING p.id, p.idempotency_key, p.amount, p.currency, p.reference, p.attempts,
-              p.created_at
+    RETURNING p.id, p.idempotency_key, p.provider_key, p.provider_key_issued_at, p.amount,
+              p.currency, p.reference, p.attempts, p.created_at
     """
 )
 
@@ -188,10 +203,17 @@ _RECORD_ATTEMPTS = text(
 
 _RECONCILE_CANDIDATES = text(
     """
-    SELECT id, idempotency_key FROM payments
-    WHERE status = 'needs_reconciliation'
-    ORDER BY updated_at, id
+    SELECT id, provider_key, amount, currency, reference FROM payments
+    WHERE status = 'needs_reconciliation' AND id > :after
+    ORDER BY id
     LIMIT :limit
+    """
+)
+
+_OLDEST_UNRECONCILED = text(
+    """
+    SELECT extract(epoch FROM now() - min(updated_at)) AS age FROM payments
+    WHERE status = 'needs_reconciliation'
     """
 )
 
@@ -208,10 +230,18 @@ _SETTLE_RECONCILED = text(
 _COUNT_BY_STATUS = text("SELECT status, count(*) AS n FROM payments GROUP BY status")
 
 
-async def claim(conn: Connection, *, token: int, limit: int) -> list[Claimed]:
+async def park_expired(conn: Connection, *, token: int, horizon: float) -> list[int]:
+    """Move every pending payment whose provider key was issued more than ``horizon``
+    seconds ago to needs_reconciliation (it is looked up, never re-sent); their ids."""
+    rows = await conn.execute(_PARK_EXPIRED, {"token": token, "horizon": horizon})
+    return [int(row.id) for row in rows]
+
+
+async def claim(conn: Connection, *, token: int, limit: int, horizon: float) -> list[Claimed]:
     """Stamp up to ``limit`` due pending payments in_flight under ``token`` (oldest due
-    first; rows another transaction holds are skipped, not waited for) and return them."""
-    rows = await conn.execute(_CLAIM, {"limit": limit, "token": token})
+    first; rows another transaction holds are skipped, not waited for) and return them.
+    Payments whose provider key is older than ``horizon`` seconds are never claimed."""
+    rows = await conn.execute(_CLAIM, {"limit": limit, "token": token, "horizon": horizon})
     return [_row_as(Claimed, row) for row in rows]
 
 
@@ -264,10 +294,20 @@ async def release(conn: Connection, *, token: int, ids: Collection[int]) -> None
     await conn.execute(_RELEASE, {"token": token, "ids": sorted(ids)})
 
 
-async def reconcile_candidates(conn: Connection, *, limit: int) -> list[ReconcileCandidate]:
-    """Up to ``limit`` needs_reconciliation payments, the longest untouched first."""
-    rows = await conn.execute(_RECONCILE_CANDIDATES, {"limit": limit})
+async def reconcile_candidates(
+    conn: Connection, *, after: int, limit: int
+) -> list[ReconcileCandidate]:
+    """Up to ``limit`` needs_reconciliation payments with an id above ``after``, by id: a
+    sweep pages through all of them with the last id as the cursor, so rows nobody can
+    settle never hide the ones behind them."""
+    rows = await conn.execute(_RECONCILE_CANDIDATES, {"after": after, "limit": limit})
     return [_row_as(ReconcileCandidate, row) for row in rows]
+
+
+async def oldest_unreconciled_age(conn: Connection) -> float | None:
+    """Seconds since the longest-waiting needs_reconciliation payment last changed."""
+    age = (await conn.execute(_OLDEST_UNRECONCILED)).scalar_one()
+    return float(age) if age is not None else None
 
 
 async def settle_reconciled(
@@ -297,13 +337,19 @@ async def count_by_status(conn: Connection) -> dict[PaymentStatus, int]:
 # An operator is not a leader, but the fence trigger wants every update to say which term it
 # belongs to; the current fence token is the honest answer (the action happens "now").
 
+# With :new_key the payment is sent under a fresh provider key from now on: only after a
+# ledger lookup proved the old key was never charged (the provider may have forgotten it).
 _ADMIN_REQUEUE = text(
     """
     UPDATE payments
     SET status = 'pending', next_attempt_at = now(), updated_at = now(),
         last_error = 'retry requested by an operator',
+        provider_key = COALESCE(CAST(:new_key AS text), provider_key),
+        provider_key_issued_at = CASE WHEN CAST(:new_key AS text) IS NULL
+                                      THEN provider_key_issued_at ELSE now() END,
         fence_token = (SELECT token FROM leader_fence WHERE name = :fence)
     WHERE id = :id AND status IN ('pending', 'needs_reconciliation')
+      AND provider_key = :old_key
     RETURNING status
     """
 )
@@ -327,12 +373,27 @@ _AUDIT = text(
 )
 
 
-async def admin_requeue(conn: Connection, *, payment_id: int, fence_name: str) -> bool:
-    """An operator puts a pending or needs_reconciliation payment back in the queue, due now.
+async def admin_requeue(
+    conn: Connection,
+    *,
+    payment_id: int,
+    fence_name: str,
+    old_key: str,
+    new_key: str | None = None,
+) -> bool:
+    """An operator puts a pending or needs_reconciliation payment back in the queue, due now,
+    under its provider key ``old_key`` — or under ``new_key`` from now on, when a ledger
+    lookup proved ``old_key`` was never charged.
 
-    False when the payment is in neither state any more (claimed or settled meanwhile).
+    False when the payment is in neither state any more (claimed or settled meanwhile) or
+    its key changed since it was read.
     """
-    row = (await conn.execute(_ADMIN_REQUEUE, {"id": payment_id, "fence": fence_name})).first()
+    row = (
+        await conn.execute(
+            _ADMIN_REQUEUE,
+            {"id": payment_id, "fence": fence_name, "old_key": old_key, "new_key": new_key},
+        )
+    ).first()
     return row is not None
 
 

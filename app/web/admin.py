@@ -4,16 +4,19 @@ recorded in ``admin_actions`` (who — a key fingerprint, never the key — what
 from __future__ import annotations
 
 import hashlib
+import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from app.dispatch.dispatcher import retry_policy
 from app.dispatch.provider import ProviderClient
 from app.dispatch.reconcile import Settlement, reconcile_one
 from app.domain.payment import Payment, ReconcileCandidate
 from app.domain.states import PaymentStatus
-from app.errors import RetryableProviderError, UnknownOutcome
+from app.errors import ProviderError
 from app.store import payments
 from app.web.auth import bearer_token
 from app.web.params import parse_id
@@ -63,9 +66,12 @@ async def _load(request: web.Request, payment_id: int | None) -> Payment | None:
 
 async def retry_payment(request: web.Request) -> web.Response:
     """POST /v1/admin/payments/{id}/retry — re-queue a pending or needs_reconciliation
-    payment now. It is re-sent with its own idempotency key, so a charge already made is
-    answered, not repeated (within the provider's key retention)."""
+    payment now. It is re-sent with its own provider key, so a charge already made is
+    answered, not repeated — while the provider still keeps that key. A payment whose key
+    is older than that is re-sent only when a ledger lookup proves no charge exists under
+    it, and then under a fresh key; a charge found means: reconcile it instead."""
     payment = await _load(request, _payment_id(request))
+    settings = request.app[SETTINGS]
     if payment is None:
         return problem(404, "Payment not found", f"no payment has id {request.match_info['id']!r}")
     if payment.status not in (PaymentStatus.PENDING, PaymentStatus.NEEDS_RECONCILIATION):
@@ -76,13 +82,43 @@ async def retry_payment(request: web.Request) -> web.Response:
             f"payment {payment.id} is {payment.status.value}; only pending and "
             "needs_reconciliation payments can be retried",
         )
+    new_key = None
+    if retry_policy(settings).too_old(payment.provider_key_issued_at, datetime.now(UTC)):
+        try:
+            async with aiohttp.ClientSession() as http:
+                charge = await ProviderClient(settings.provider_url, http).find_by_key(
+                    payment.provider_key, timeout=settings.provider_timeout
+                )
+        except ProviderError as exc:
+            await audit(request, "retry", "provider_unavailable", payment.id, error=str(exc))
+            return problem(
+                503,
+                "Provider unavailable",
+                f"payment {payment.id} is too old to re-send without first proving that no "
+                f"charge exists, and the provider's ledger could not be read: {exc}",
+                headers={"Retry-After": "5"},
+            )
+        if charge is not None:
+            await audit(request, "retry", "refused_charge_exists", payment.id)
+            return problem(
+                409,
+                "A charge exists for this payment",
+                f"the provider holds charge {charge.charge_id} under this payment's key: "
+                "reconcile the payment instead of sending it again",
+            )
+        new_key = str(uuid.uuid4())
     async with request.app[ENGINE].begin() as conn:
         requeued = await payments.admin_requeue(
-            conn, payment_id=payment.id, fence_name=request.app[SETTINGS].fence_name
+            conn,
+            payment_id=payment.id,
+            fence_name=settings.fence_name,
+            old_key=payment.provider_key,
+            new_key=new_key,
         )
     if not requeued:  # it moved on between the read and the write (claimed, settled)
         return problem(409, "Payment changed meanwhile", "read it again and decide again")
-    await audit(request, "retry", "requeued", payment.id, previous=payment.status.value)
+    outcome = "requeued" if new_key is None else "requeued_under_new_key"
+    await audit(request, "retry", outcome, payment.id, previous=payment.status.value)
     return json_response(Requeued(id=payment.id, status="pending", previous=payment.status.value))
 
 
@@ -111,7 +147,9 @@ async def reconcile_payment(request: web.Request) -> web.Response:
                 fence_name=settings.fence_name,
             )
 
-    candidate = ReconcileCandidate(payment.id, payment.idempotency_key)
+    candidate = ReconcileCandidate(
+        payment.id, payment.provider_key, payment.amount, payment.currency, payment.reference
+    )
     try:
         async with aiohttp.ClientSession() as http:
             done = await reconcile_one(
@@ -120,16 +158,16 @@ async def reconcile_payment(request: web.Request) -> web.Response:
                 timeout=settings.provider_timeout,
                 settle=settle,
             )
-    except (RetryableProviderError, UnknownOutcome) as exc:
+    except ProviderError as exc:
         await audit(request, "reconcile", "provider_unavailable", payment.id, error=str(exc))
         return problem(503, "Provider unavailable", str(exc), headers={"Retry-After": "5"})
     if done.settlement is None:
-        await audit(request, "reconcile", "no_charge_found", payment.id)
+        await audit(request, "reconcile", "not_settled", payment.id, why=done.why)
         return problem(
             409,
-            "No charge at the provider",
-            f"the provider has no charge for key {payment.idempotency_key!r}; "
-            "retry the payment (same key) or leave it for investigation",
+            "Nothing in the provider's ledger settles this payment",
+            f"{done.why}; retry the payment (the same key while the provider keeps it) or "
+            "leave it for investigation",
         )
     if not done.applied:
         return problem(409, "Payment changed meanwhile", "read it again and decide again")

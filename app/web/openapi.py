@@ -25,6 +25,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from app.domain.payment import (
+    AMOUNT_MAX,
     BIGINT_MAX,
     IDEMPOTENCY_KEY_MAX,
     METADATA_KEY_MAX,
@@ -145,7 +146,7 @@ PAYMENT_REQUEST: Final[JsonObject] = {
         "amount": {
             "type": "integer",
             "minimum": 1,
-            "maximum": BIGINT_MAX,
+            "maximum": AMOUNT_MAX,
             "description": "Minor units (cents). A JSON integer: `1250`, not `1250.0`.",
         },
         "currency": {

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from app.domain.payment import BIGINT_MAX, PaymentRequest
+from app.domain.payment import AMOUNT_MAX, BIGINT_MAX, PaymentRequest
 from app.web.validation import InvalidRequest, check_idempotency_key, field_errors, parse_payment
 from tests.unit.generated import GENERATED
 
@@ -104,8 +104,17 @@ def test_an_amount_that_is_not_a_positive_bigint_is_a_422_on_amount(amount: obje
     assert fields_of(exc) == ["amount"]
 
 
-def test_the_largest_bigint_amount_is_accepted() -> None:
-    assert parse_payment(json.dumps({"amount": BIGINT_MAX, "currency": "EUR"}).encode()).amount
+def test_the_largest_amount_a_provider_holds_exactly_is_accepted() -> None:
+    assert parse_payment(json.dumps({"amount": AMOUNT_MAX, "currency": "EUR"}).encode()).amount
+
+
+@pytest.mark.parametrize("amount", [AMOUNT_MAX + 1, BIGINT_MAX])
+def test_an_amount_past_what_a_provider_holds_exactly_is_a_422_naming_it(amount: int) -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        parse_payment(json.dumps({"amount": amount, "currency": "EUR"}).encode())
+
+    assert raised.value.status == 422
+    assert [e["field"] for e in raised.value.errors] == ["amount"]
 
 
 @pytest.mark.parametrize(
@@ -227,7 +236,7 @@ def test_any_change_of_intent_changes_the_fingerprint(change: dict[str, object])
         st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=8),
         max_size=6,
     ),
-    amount=st.integers(min_value=1, max_value=BIGINT_MAX),
+    amount=st.integers(min_value=1, max_value=AMOUNT_MAX),
 )
 def test_the_fingerprint_is_stable_across_any_key_order(
     metadata: dict[str, str], amount: int

@@ -1,0 +1,185 @@
+"""The dispatch side against a hostile provider: a real HTTP server that answers a payment's
+first attempts unusually — a text body, no id, a redirect, a proxy's 401/403/404/408, 429s,
+a 500 or a reset *after* charging, a body that never ends, a charge for another amount,
+currency or key, JSON nested past any decoder — and then behaves.
+
+Whatever it answers, the outcome recorded is never wrong: a payment is ``failed`` only when
+the provider said the request is invalid (400/422), ``succeeded`` only with exactly one
+matching charge in the provider's ledger, nothing is charged twice and nothing is left
+pending or in flight. Real Postgres, real HTTP, real fence; the test plays the elector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from app.domain.payment import PaymentRequest
+from app.settings import Settings, load_settings
+from app.store import payments as store
+from app.store.engine import create_engine
+from tests.conftest import TEST_API_KEY
+from tests.support.hostile import (
+    Anomaly,
+    HostileProvider,
+    first_attempt,
+    hostile_provider,
+    sequences,
+)
+from tests.support.leading import leading
+
+SETTLE_WITHIN = 60.0
+UNSETTLED = ("pending", "in_flight")
+
+
+def dispatch_settings(database_url: str, provider_url: str) -> Settings:
+    return load_settings(
+        database_url=database_url,
+        provider_url=provider_url,
+        node_id="hostile-test",
+        api_keys=TEST_API_KEY,
+        provider_timeout=1.0,
+        retry_base_delay=0.02,
+        retry_max_delay=0.2,
+        max_attempts=50,
+        reconcile_interval=0.2,
+        dispatch_poll_interval=0.05,
+    )
+
+
+async def enqueue(settings: Settings, references: Sequence[str], amount: int = 1234) -> None:
+    engine = create_engine(settings, pool_size=2, autocommit=True)
+    try:
+        async with engine.connect() as conn:
+            for reference in references:
+                request = PaymentRequest(amount=amount, currency="EUR", reference=reference)
+                await store.enqueue(conn, f"client-{reference}", request)
+    finally:
+        await engine.dispose()
+
+
+async def rows(db: asyncpg.Connection, references: Sequence[str]) -> list[dict[str, Any]]:
+    found = await db.fetch(
+        "SELECT * FROM payments WHERE reference = ANY($1::text[]) ORDER BY id", list(references)
+    )
+    return [dict(row) for row in found]
+
+
+async def settle(db: asyncpg.Connection, references: Sequence[str]) -> list[dict[str, Any]]:
+    """Wait until no payment is pending or in flight, then one more sweep interval."""
+    deadline = time.monotonic() + SETTLE_WITHIN
+    while True:
+        current = await rows(db, references)
+        if all(row["status"] not in UNSETTLED for row in current):
+            await asyncio.sleep(0.5)  # let a sweep look at what was parked
+            return await rows(db, references)
+        if time.monotonic() > deadline:
+            stuck = [(r["reference"], r["status"], r["last_error"]) for r in current]
+            raise AssertionError(f"not settled within {SETTLE_WITHIN}s: {stuck}")
+        await asyncio.sleep(0.1)
+
+
+def assert_never_wrong(
+    provider: HostileProvider, settled: list[dict[str, Any]], final: set[str]
+) -> None:
+    """The properties that must hold whatever the provider answered.
+
+    ``final`` are the references whose request the provider rejected as invalid (400/422).
+    """
+    for row in settled:
+        key = row["provider_key"]
+        charges = [c for c in provider.charges if c["idempotency_key"] == key]
+        where = f"payment {row['id']} ({row['reference']}): {row['status']}, {row['last_error']}"
+        assert row["status"] not in UNSETTLED, where
+        assert len(charges) <= 1, f"charged twice: {where}"
+        if row["status"] == "failed":
+            assert row["reference"] in final, f"failed without a 400/422: {where}"
+            assert charges == [], where
+        if row["status"] == "succeeded":
+            assert len(charges) == 1, f"succeeded with no charge of its own: {where}"
+            (charge,) = charges
+            assert row["provider_charge_id"] == charge["id"], where
+            assert (charge["amount"], charge["currency"]) == (row["amount"], row["currency"])
+            assert charge["metadata"] == {"payment_id": str(row["id"])}, where
+        if charges and row["status"] != "succeeded":
+            # A charge was made: the only honest ends are succeeded, or parked for a human
+            # to look up (never failed, never forgotten).
+            assert row["status"] == "needs_reconciliation", where
+    keys = [c["idempotency_key"] for c in provider.charges]
+    assert len(keys) == len(set(keys)), "the provider saw one key charged twice"
+
+
+# What each anomaly on the first attempt must end as, once the provider behaves again.
+EXPECTED = {
+    **{a: "succeeded" for a in Anomaly if not a.final},
+    Anomaly.OTHER_AMOUNT: "needs_reconciliation",
+    Anomaly.OTHER_CURRENCY: "needs_reconciliation",
+    Anomaly.OTHER_KEY: "needs_reconciliation",
+    Anomaly.INVALID_400: "failed",
+    Anomaly.INVALID_422: "failed",
+}
+
+
+async def test_every_anomaly_on_a_first_attempt_ends_in_the_one_honest_state(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    plan = {f"{anomaly.value}-{n}": anomaly for anomaly in Anomaly for n in range(3)}
+    async with hostile_provider(first_attempt(plan)) as provider:
+        settings = dispatch_settings(database_url, provider.url)
+        await enqueue(settings, list(plan))
+        async with leading(settings, token=1):
+            settled = await settle(db, list(plan))
+    final = {ref for ref, anomaly in plan.items() if anomaly.final}
+    assert_never_wrong(provider, settled, final)
+    ends = {row["reference"]: row["status"] for row in settled}
+    assert ends == {ref: EXPECTED[anomaly] for ref, anomaly in plan.items()}
+    for row in settled:
+        if EXPECTED[plan[row["reference"]]] == "needs_reconciliation":
+            assert "does not match" in (row["last_error"] or ""), row
+
+
+async def test_a_redirect_is_never_followed(database_url: str, db: asyncpg.Connection) -> None:
+    plan = {"r302": Anomaly.REDIRECT_302, "r307": Anomaly.REDIRECT_307}
+    async with hostile_provider(first_attempt(plan)) as provider:
+        settings = dispatch_settings(database_url, provider.url)
+        await enqueue(settings, list(plan))
+        async with leading(settings, token=1):
+            await settle(db, list(plan))
+    assert [what for _, _, what in provider.answered].count("redirect_307") == 1
+    assert provider.fake_success_calls == 0, "the client followed a redirect"
+
+
+ANOMALIES = st.sampled_from([*Anomaly, None])
+
+
+@hypothesis_settings(
+    max_examples=12,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(plans=st.lists(st.lists(ANOMALIES, max_size=4), min_size=1, max_size=6))
+async def test_generated_answer_sequences_never_end_wrong(
+    database_url: str, db: asyncpg.Connection, plans: list[list[Anomaly | None]]
+) -> None:
+    run = uuid.uuid4().hex[:8]
+    by_ref: dict[str, list[Anomaly | None]] = {}
+    for n, steps in enumerate(plans):
+        # An invalid answer is final: a real provider says it again on every attempt.
+        cut = next((i for i, a in enumerate(steps) if a is not None and a.final), None)
+        by_ref[f"{run}-{n}"] = steps if cut is None else [*steps[: cut + 1]] * 5
+    final = {ref for ref, steps in by_ref.items() if any(a and a.final for a in steps)}
+    async with hostile_provider(sequences(by_ref)) as provider:
+        settings = dispatch_settings(database_url, provider.url)
+        await enqueue(settings, list(by_ref))
+        async with leading(settings, token=int(time.time() * 1000)):
+            settled = await settle(db, list(by_ref))
+    assert_never_wrong(provider, settled, final)
