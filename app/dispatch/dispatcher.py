@@ -41,11 +41,14 @@ from app.leadership.term import Term
 from app.obs.metrics import Metrics
 from app.settings import Settings
 from app.store import payments
-from app.store.engine import Engine
+from app.store.engine import Engine, translate
 from app.store.fence import FencedWriter
 from app.store.listen import listen_forever
 
 log = logging.getLogger(__name__)
+
+# Seconds between retries of a write or a claim while Postgres does not answer.
+OUTAGE_RETRY = 0.5
 
 
 @dataclass
@@ -106,6 +109,7 @@ class Dispatcher:
         self._calls: dict[int, asyncio.Task[None]] = {}
         self._claimed: set[int] = set()  # in flight under our token, not yet recorded
         self._lost: LeadershipLost | None = None  # set by a call that found the term over
+        self._outage_since: float | None = None  # monotonic start of a Postgres outage
 
     # --- the term -------------------------------------------------------------------------
 
@@ -148,7 +152,6 @@ class Dispatcher:
         # round trip per payment.
         low_water = max(1, min(batch_size, settings.dispatch_concurrency) // 4)
         while not self.leadership.stopping.is_set():
-            self.last_progress = time.monotonic()
             if self._lost is not None:
                 raise self._lost
             for helper in helpers:
@@ -160,11 +163,23 @@ class Dispatcher:
             free = settings.dispatch_concurrency - len(self._claimed)
             if free >= low_water or (free > 0 and not self._claimed):
                 want = min(free, batch_size)
-                batch = await self._claim(want)
+                try:
+                    batch = await self._claim(want)
+                except (DatabaseUnavailable, TimeoutError) as exc:
+                    # Keep the lease through a short Postgres outage: no progress is
+                    # recorded, so DispatchLeader ends the term if it lasts past the stall
+                    # limit (a leader cut off from Postgres must let another one lead).
+                    self._outage(exc)
+                    await asyncio.sleep(OUTAGE_RETRY)
+                    continue
+                self._back()
+                self.last_progress = time.monotonic()
                 for payment in batch:
                     self._start_call(payment)
                 if len(batch) == want:
                     continue  # more may be waiting: claim again without sleeping
+            else:
+                self.last_progress = time.monotonic()  # every slot busy: calls are the work
             waiters = [
                 asyncio.ensure_future(self._wake.wait()),
                 asyncio.ensure_future(self.leadership.stopping.wait()),
@@ -337,7 +352,17 @@ class Dispatcher:
             batch = [first]
             while not self._outcomes.empty() and len(batch) < 500:
                 batch.append(self._outcomes.get_nowait())
-            await self._record(batch)
+            while True:
+                try:
+                    await self._record(batch)
+                except (DatabaseUnavailable, TimeoutError) as exc:
+                    # The same batch again once Postgres answers (recording is idempotent:
+                    # only rows still in flight under our token change, attempts once).
+                    self._outage(exc)
+                    await asyncio.sleep(OUTAGE_RETRY)
+                    continue
+                self._back()
+                break
 
     async def _flush_outcomes(self) -> None:
         batch = []
@@ -400,11 +425,19 @@ class Dispatcher:
 
     async def _recover(self) -> None:
         """Before claiming anything: re-queue every payment an older leader left in flight."""
-        timeout = self.leadership.call_timeout(self.settings.db_timeout)
-        async with self.fenced.transaction(timeout) as conn:
-            recovered = len(
-                await payments.recover(conn, token=self.token, node=self.settings.node_id)
-            )
+        while True:
+            timeout = self.leadership.call_timeout(self.settings.db_timeout)
+            try:
+                async with self.fenced.transaction(timeout) as conn:
+                    recovered = len(
+                        await payments.recover(conn, token=self.token, node=self.settings.node_id)
+                    )
+            except (DatabaseUnavailable, TimeoutError) as exc:
+                self._outage(exc)  # bounded by the stall limit, like every other retry here
+                await asyncio.sleep(OUTAGE_RETRY)
+                continue
+            self._back()
+            break
         if recovered:
             self.stats.recovered += recovered
             log.info(
@@ -416,7 +449,19 @@ class Dispatcher:
     async def _reconcile_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.reconcile_interval)
-            await self._reconcile_once()
+            try:
+                await self._reconcile_once()
+            except (StaleLeader, LeadershipLost):
+                raise  # the term is over
+            except (DatabaseUnavailable, TimeoutError) as exc:
+                self._outage(exc)  # the next sweep tries again
+            except Exception as exc:
+                # The sweep reads outside a fenced transaction, so driver errors arrive raw;
+                # none of them may end the term (that is for the fence and the lease).
+                if isinstance(translate(exc), DatabaseUnavailable):
+                    self._outage(exc)
+                else:
+                    log.exception("token %s: reconcile sweep failed; retrying", self.token)
 
     async def _reconcile_once(self) -> None:
         await reconcile.sweep(
@@ -443,6 +488,25 @@ class Dispatcher:
         return settled
 
     # --- plumbing -------------------------------------------------------------------------
+
+    def _outage(self, exc: BaseException) -> None:
+        """Postgres did not answer: say so once per outage, not once per retry."""
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            log.warning(
+                "token %s: Postgres unavailable (%s); keeping the lease and retrying",
+                self.token,
+                exc,
+            )
+
+    def _back(self) -> None:
+        if self._outage_since is not None:
+            log.info(
+                "token %s: Postgres answers again after %.1fs",
+                self.token,
+                time.monotonic() - self._outage_since,
+            )
+            self._outage_since = None
 
     def _fenced_out(self, exc: StaleLeader) -> None:
         """A write of this term was refused by the fence: count it, say so."""

@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from app.dispatch.dispatcher import Dispatcher, DispatchStats
+from app.dispatch.dispatcher import OUTAGE_RETRY, Dispatcher, DispatchStats
 from app.dispatch.provider import ProviderClient
-from app.errors import LeadershipLost
+from app.errors import DatabaseUnavailable, LeadershipLost
 from app.leadership.term import Term
 from app.obs.metrics import Metrics
 from app.settings import Settings
@@ -55,19 +55,47 @@ class DispatchLeader:
     async def __call__(self, term: Term) -> None:
         """Lead for ``term``: fence, then dispatch until the term ends or the work stalls."""
         settings = self.settings
-        await raise_fence(
-            self.engine,
-            name=settings.fence_name,
-            token=term.token,
-            holder=settings.node_id,
-            timeout=term.call_timeout(settings.db_timeout),
-        )
+        await self._raise_fence(term)
         term.ensure_valid()
         term.begin_acting()
         dispatcher = Dispatcher(
             settings, self.engine, self.provider, term, self.stats, self.metrics
         )
         await run_watched(dispatcher.run(), lambda: dispatcher.last_progress, stall_limit(settings))
+
+    async def _raise_fence(self, term: Term) -> None:
+        """Fence older leaders out before anything else. While Postgres does not answer, keep
+        the lease and retry (a restart is over in seconds; churning through terms would not
+        bring it back sooner), but only for the stall limit: a leader cut off from Postgres
+        must let a replica that can reach it lead."""
+        settings = self.settings
+        give_up = time.monotonic() + stall_limit(settings)
+        warned = False
+        while True:
+            try:
+                await raise_fence(
+                    self.engine,
+                    name=settings.fence_name,
+                    token=term.token,
+                    holder=settings.node_id,
+                    timeout=term.call_timeout(settings.db_timeout),
+                )
+                return
+            except (DatabaseUnavailable, TimeoutError) as exc:
+                if time.monotonic() >= give_up:
+                    raise DatabaseUnavailable(
+                        f"could not raise the fence to token {term.token} within "
+                        f"{stall_limit(settings):.0f}s: {exc}"
+                    ) from exc
+                if not warned:
+                    warned = True
+                    log.warning(
+                        "token %s: Postgres unavailable while raising the fence (%s); "
+                        "keeping the lease and retrying",
+                        term.token,
+                        exc,
+                    )
+                await asyncio.sleep(OUTAGE_RETRY)
 
 
 async def run_watched(
