@@ -18,7 +18,7 @@ from app.dispatch.dispatcher import DispatchStats
 from app.dispatch.leader import DispatchLeader
 from app.dispatch.provider import ProviderClient
 from app.leadership.elector import ElectionConfig, Elector
-from app.leadership.etcd import EtcdClient
+from app.leadership.etcd import EtcdClient, EtcdSecurity
 from app.leadership.keepalive import LoopWatchdog
 from app.leadership.observer import LeaderObserver
 from app.obs.collectors import collect_replica, refresh_counts
@@ -46,8 +46,24 @@ from app.web.testhooks import add_test_hooks
 log = logging.getLogger(__name__)
 
 
+def etcd_security(settings: Settings) -> EtcdSecurity | None:
+    """TLS and credentials for etcd from the settings (already validated together); None
+    when neither is configured."""
+    if settings.etcd_ca_file is None and settings.etcd_username is None:
+        return None
+    password = settings.etcd_password
+    return EtcdSecurity(
+        ca_file=settings.etcd_ca_file,
+        cert_file=settings.etcd_cert_file,
+        key_file=settings.etcd_key_file,
+        username=settings.etcd_username,
+        password=password.get_secret_value() if password is not None else None,
+    )
+
+
 def election_config(settings: Settings) -> ElectionConfig:
-    """The elector's view of the settings: who this replica is and the election's timing."""
+    """The elector's view of the settings: who this replica is, the election's timing and
+    how to reach etcd (the keep-alive thread opens its own client from this)."""
     return ElectionConfig(
         node_id=settings.node_id,
         url=settings.public_url,
@@ -57,13 +73,17 @@ def election_config(settings: Settings) -> ElectionConfig:
         margin=settings.lease_safety_margin,
         etcd_timeout=settings.etcd_timeout,
         shutdown_grace=settings.shutdown_grace,
+        security=etcd_security(settings),
     )
 
 
 async def _leadership(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     watchdog = LoopWatchdog()
-    client = EtcdClient(settings.etcd_endpoints, timeout=settings.etcd_timeout)
+    config = election_config(settings)
+    client = EtcdClient(
+        settings.etcd_endpoints, timeout=settings.etcd_timeout, security=config.security
+    )
     # The leader's own pool and HTTP session: ingest load must not starve the dispatcher
     # of connections, nor the other way round.
     leader_engine = create_engine(settings, pool_size=4, leader=True)
@@ -74,7 +94,6 @@ async def _leadership(app: web.Application) -> AsyncIterator[None]:
     dispatch_stats = DispatchStats()
     # Data flows one way: the elector publishes terms; the dispatch side leads each one.
     leader = DispatchLeader(settings, leader_engine, provider, dispatch_stats, app[METRICS])
-    config = election_config(settings)
     elector = Elector(config, client, leader, watchdog)
     observer = LeaderObserver(config, client)
     app[WATCHDOG] = watchdog

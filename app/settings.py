@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.errors import ConfigurationError
@@ -90,6 +91,27 @@ class Settings(BaseSettings):
         1.0, gt=0, description="Upper bound in seconds for one etcd call made by a follower."
     )
 
+    # --- etcd security (see README "etcd with TLS and auth") ----------------------------
+    etcd_ca_file: Path | None = Field(
+        None,
+        description="PEM file with the CA certificate(s) that signed the etcd members' "
+        "server certificates. Setting it turns TLS on; https:// endpoints require it.",
+    )
+    etcd_cert_file: Path | None = Field(
+        None,
+        description="PEM client certificate for etcd's --client-cert-auth; goes with "
+        "etcd_key_file and needs etcd_ca_file.",
+    )
+    etcd_key_file: Path | None = Field(
+        None, description="PEM private key of etcd_cert_file (unencrypted)."
+    )
+    etcd_username: str | None = Field(
+        None, description="etcd user to authenticate as (etcd auth enabled); needs etcd_password."
+    )
+    etcd_password: SecretStr | None = Field(
+        None, description="Password of etcd_username (never logged or shown)."
+    )
+
     # --- database -----------------------------------------------------------------------
     fence_name: str = Field(
         "payments", description="Name of the leader_fence row guarding the payments queue."
@@ -153,6 +175,41 @@ class Settings(BaseSettings):
         _split_csv
     )
 
+    @field_validator(
+        "etcd_ca_file",
+        "etcd_cert_file",
+        "etcd_key_file",
+        "etcd_username",
+        "etcd_password",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # Compose and shell templates pass "${X:-}" as an empty string: that means "not set".
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("etcd_ca_file", "etcd_cert_file", "etcd_key_file")
+    @classmethod
+    def _check_readable_file(cls, value: Path | None) -> Path | None:
+        # Checked at start-up so that a typo fails here, naming the variable, and not at the
+        # first etcd call as a TLS error.
+        if value is None:
+            return None
+        if not value.exists():
+            raise ValueError(f"no such file: {value}")
+        if not value.is_file():
+            raise ValueError(f"not a regular file: {value}")
+        try:
+            with value.open("rb"):
+                pass
+        except OSError as error:
+            raise ValueError(
+                f"cannot read {value} as uid {os.getuid()}: {error.strerror or error}"
+            ) from None
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
@@ -172,7 +229,35 @@ class Settings(BaseSettings):
             )
         if not self.etcd_endpoints:
             raise ValueError("etcd_endpoints must name at least one host:port")
+        self._check_etcd_security()
         return self
+
+    def _check_etcd_security(self) -> None:
+        """Settings that only make sense together. Messages name each field involved, so
+        the error names every variable to look at (and no other: see _variables)."""
+        if (self.etcd_cert_file is None) != (self.etcd_key_file is None):
+            raise ValueError(
+                "etcd_cert_file and etcd_key_file go together: set both (a client "
+                "certificate and its private key) or neither"
+            )
+        if self.etcd_cert_file is not None and self.etcd_ca_file is None:
+            raise ValueError(
+                "etcd_cert_file needs etcd_ca_file: a client certificate is sent over TLS "
+                "only, and TLS needs the CA that signed the etcd members' certificates"
+            )
+        if (self.etcd_username is None) != (self.etcd_password is None):
+            raise ValueError("etcd_username and etcd_password go together: set both or neither")
+        schemes = {e.split("://", 1)[0] for e in self.etcd_endpoints if "://" in e}
+        if "https" in schemes and self.etcd_ca_file is None:
+            raise ValueError(
+                "etcd_endpoints use https:// but etcd_ca_file is not set: TLS needs the CA "
+                "that signed the etcd members' certificates"
+            )
+        if "http" in schemes and self.etcd_ca_file is not None:
+            raise ValueError(
+                "etcd_endpoints use plain http:// but etcd_ca_file turns TLS on: write the "
+                "endpoints as https://NAME:2379 (or without a scheme)"
+            )
 
     @property
     def public_url(self) -> str:

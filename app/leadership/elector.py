@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from app.errors import EtcdUnavailable, LeadershipLost, PaydispatchError
-from app.leadership.etcd import EtcdClient, KeyValue
+from app.leadership.etcd import EtcdClient, EtcdSecurity, KeyValue
 from app.leadership.keepalive import KeepAlive, LoopWatchdog
 from app.leadership.term import Term
 
@@ -50,6 +50,8 @@ class ElectionConfig:
     margin: float  # stop acting this long before the lease could expire
     etcd_timeout: float
     shutdown_grace: float  # how long a graceful stop waits for the work
+    # TLS and credentials for etcd; the keep-alive thread's own client needs them too.
+    security: EtcdSecurity | None = None
 
 
 @dataclass
@@ -154,6 +156,7 @@ class Elector:
             granted_at=granted_at,
             watchdog=self.watchdog,
             on_lost=on_lost,
+            security=config.security,
         )
         keepalive.start()
         try:

@@ -3,20 +3,30 @@
 Everything else (the election in particular) uses :class:`EtcdClient`, so the client library
 can be swapped here alone. Its contract:
 
-* Every call is a single attempt bounded by its timeout; there are no hidden retries, so a
-  caller always knows how long it may wait (the leader's keep-alive depends on it).
+* Every call is bounded by its timeout, so a caller always knows how long it may wait (the
+  leader's keep-alive depends on it), and is a single attempt but for the one below (an
+  expired auth token).
 * Failures come out as :class:`app.errors.EtcdUnavailable` (unreachable, timed out, no raft
-  leader, connection closed) or :class:`LeaseNotFound` (the lease expired or was revoked);
-  no aetcd or gRPC exception escapes. A write that failed with ``EtcdUnavailable`` may still
+  leader, connection closed; :class:`EtcdAccessDenied` when etcd refuses this client's
+  credentials or certificates, or the client refuses the server's) or
+  :class:`LeaseNotFound` (the lease expired or was revoked); no aetcd or gRPC exception
+  escapes. A write that failed with ``EtcdUnavailable`` may still
   have been applied: after a failed :meth:`EtcdClient.create_if_absent`, a key that exists
   with *your* lease is yours.
-* Several endpoints are one gRPC channel with a static address list (gRPC "pick first": it
-  uses the first member that accepts connections and moves on when that connection breaks).
+* Without TLS, several endpoints are one gRPC channel with a static address list (gRPC "pick
+  first": it uses the first member that accepts connections and moves on when that connection
+  breaks). With TLS (:class:`EtcdSecurity`) a channel goes to one member, dialled by the name
+  it was configured with, so that each member's certificate is checked against its own name.
   After any call failed with ``EtcdUnavailable`` the channel is dropped (which also ends every
-  open watch with ``EtcdUnavailable``) and the next call opens a fresh one whose list starts
-  at the next endpoint: a member that accepts connections but never answers (SIGSTOP, a
-  partition) or has lost its raft leader is left behind, and a fresh channel has no reconnect
-  back-off left over from a member that just came back.
+  open watch with ``EtcdUnavailable``) and the next call opens a fresh one starting at the
+  next endpoint: a member that accepts connections but never answers (SIGSTOP, a partition)
+  or has lost its raft leader is left behind, and a fresh channel has no reconnect back-off
+  left over from a member that just came back.
+* With a user name and password, every new channel authenticates first and sends the token
+  with each request. etcd forgets a token that went unused for ``--auth-token-ttl`` (5 min by
+  default; a restarted member may not know it either) and then refuses requests *before*
+  running them. Such a refusal is the one case that is retried: once, on a fresh re-authenticated
+  channel, within the same timeout. A refusal that persists is :class:`EtcdAccessDenied`.
 * Requests carry etcd's ``hasleader`` metadata: a member without a raft leader answers
   "no leader" at once instead of letting the call hang until its timeout, and cancels watch
   streams when it loses its leader, so a watcher on a cut-off member hears about it.
@@ -30,19 +40,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import socket
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 import aetcd
+import grpc
+from aetcd import rpc
 from aetcd.utils import prefix_range_end
+from aetcd.watcher import Watcher
 
 from app.errors import ConfigurationError, EtcdUnavailable, LeadershipLost
 
 __all__ = [
+    "EtcdAccessDenied",
     "EtcdClient",
+    "EtcdSecurity",
     "EtcdUnavailable",
     "KeyValue",
     "LeaseNotFound",
@@ -51,6 +68,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 # etcd's "require leader" request metadata (clientv3.WithRequireLeader).
 _REQUIRE_LEADER = (("hasleader", "true"),)
@@ -80,6 +99,11 @@ _CLOSE_TIMEOUT = 2.0
 class LeaseNotFound(LeadershipLost):
     """The etcd lease is gone (expired, revoked or never granted): every key attached to it has
     been deleted, so leadership held through it is lost."""
+
+
+class EtcdAccessDenied(EtcdUnavailable):
+    """etcd refused this client (wrong user name or password, a role without permission, a
+    client certificate it does not trust), or this client refused etcd's certificate."""
 
 
 class WatchCompacted(EtcdUnavailable):
@@ -117,6 +141,169 @@ class WatchEvent:
     create_revision: int
     mod_revision: int
     lease: int = 0
+
+
+@dataclass(frozen=True)
+class EtcdSecurity:
+    """How to reach a secured etcd: TLS and/or a user name and password.
+
+    A ``ca_file`` turns TLS on: it holds the CA certificate(s) that signed the members'
+    server certificates. ``cert_file`` and ``key_file`` (a client certificate for etcd's
+    ``--client-cert-auth``) go together and need TLS. ``username`` and ``password`` go
+    together. The files are read again for every new channel, so renewed certificates are
+    picked up without a restart."""
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigurationError(
+                "etcd client certificate and key go together: give both files or neither"
+            )
+        if self.cert_file is not None and self.ca_file is None:
+            raise ConfigurationError(
+                "an etcd client certificate needs TLS: give the CA file that signed etcd's "
+                "server certificates too"
+            )
+        if (self.username is None) != (self.password is None):
+            raise ConfigurationError("etcd user name and password go together: give both")
+
+    @property
+    def tls(self) -> bool:
+        """True when channels are TLS (a CA file is given)."""
+        return self.ca_file is not None
+
+    @property
+    def authenticates(self) -> bool:
+        """True when channels authenticate with a user name and password."""
+        return self.username is not None
+
+    def load_credentials(self) -> grpc.ChannelCredentials | None:
+        """gRPC TLS credentials from the files (blocking file reads: call off the event
+        loop), or None without TLS. EtcdUnavailable naming the file if one cannot be read."""
+        if self.ca_file is None:
+            return None
+
+        def read(path: Path | None, what: str) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                return path.read_bytes()
+            except OSError as error:
+                raise EtcdUnavailable(
+                    f"cannot read the etcd {what} {path}: {error.strerror or error}"
+                ) from error
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.ca_file, "CA file"),
+            private_key=read(self.key_file, "client key file"),
+            certificate_chain=read(self.cert_file, "client certificate file"),
+        )
+
+
+class _WatchCancelled(Exception):
+    """etcd cancelled a watch (``canceled`` with a reason, no compaction)."""
+
+
+class _Watcher(Watcher):  # type: ignore[misc]  # aetcd ships no type information
+    """aetcd's watcher, plus what it ignores: a watch that etcd cancels.
+
+    etcd refuses a watch it may not serve (an expired auth token on the shared stream, a role
+    without read permission) by answering ``created`` *and* ``canceled``. aetcd takes that as
+    created, and the watch then waits forever for events that never come. Here the creation
+    fails instead (and a watch cancelled later ends with an error)."""
+
+    async def _handle_response(self, response: Any) -> None:
+        if not response.canceled or response.compact_revision:
+            # Compaction comes as canceled too; aetcd turns that into RevisionCompactedError.
+            await super()._handle_response(response)
+            return
+        error = _WatchCancelled(response.cancel_reason or "etcd cancelled the watch")
+        async with self._lock:
+            if response.created and self._new_callback is not None:
+                self._new_callback.error = error
+                self._new_callback_ready.notify_all()
+                return
+            callback = self._callbacks.pop(response.watch_id, None)
+        # None: the answer to our own cancel request (aetcd forgot the watch already).
+        if callback is not None:
+            await self._process_callback(callback, error)
+
+
+class _Client(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type information
+    """aetcd's client with the channel built here: ``aetcd.Client.connect()`` always opens an
+    insecure channel, and replaces ``metadata`` with the auth token alone when it
+    authenticates (dropping etcd's require-leader header).
+
+    :meth:`connect` is called once by :class:`EtcdClient` before the client is used; aetcd
+    calls it again before every request, which then returns at once."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None,
+        username: str | None,
+        password: str | None,
+        metadata: tuple[tuple[str, str], ...],
+        timeout: float,
+        options: dict[str, int],
+    ) -> None:
+        super().__init__(timeout=timeout, options=options)
+        self._target = target
+        self._credentials = credentials
+        # Not aetcd's _username/_password: its own connect() must never see them.
+        self._user = username
+        self._secret = password
+        self._base_metadata = metadata
+
+    async def connect(self) -> None:
+        """Open the channel (TLS if configured), authenticate if configured, make the stubs."""
+        if self._connected.is_set():
+            return
+        options = list(self._options.items())
+        if self._credentials is None:
+            self.channel = grpc.aio.insecure_channel(self._target, options=options)
+        else:
+            self.channel = grpc.aio.secure_channel(self._target, self._credentials, options)
+        metadata = self._base_metadata
+        if self._user is not None:
+            token = await self._authenticate()
+            if token:
+                metadata = (*metadata, ("token", token))
+        # aetcd sends ``metadata`` with every request and hands it to the watch stream here.
+        self.metadata = metadata
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = _Watcher(
+            rpc.WatchStub(self.channel), timeout=self._timeout, metadata=metadata
+        )
+        self._connected.set()
+
+    async def _authenticate(self) -> str:
+        """A fresh auth token for the user; "" when etcd has authentication switched off."""
+        self.auth_stub = rpc.AuthStub(self.channel)
+        request = rpc.AuthenticateRequest(name=self._user, password=self._secret)
+        try:
+            reply = await self.auth_stub.Authenticate(request, timeout=self._timeout)
+        except grpc.aio.AioRpcError as error:
+            if "authentication is not enabled" in (error.details() or ""):
+                # Like etcd's Go client: go on without a token. This lets an operator set the
+                # credentials first and switch etcd's auth on afterwards.
+                log.warning(
+                    "etcd user %r is configured but etcd has authentication switched off "
+                    "(etcdctl auth enable); going on without a token",
+                    self._user,
+                )
+                return ""
+            raise
+        return str(reply.token)
 
 
 class _ClosedUnderCall(Exception):
@@ -166,17 +353,27 @@ def _to_event(raw: Any) -> WatchEvent:
     )
 
 
-def _parse_endpoint(endpoint: str) -> tuple[str, int]:
-    """``host:port`` (``http://`` allowed, IPv6 as ``[::1]:2379``) → (host, port)."""
+def parse_endpoint(endpoint: str) -> tuple[str | None, str, int]:
+    """``host:port``, ``http://host:port`` or ``https://host:port`` (IPv6 as ``[::1]:2379``)
+    → (scheme or None, host, port). ConfigurationError naming the endpoint otherwise."""
     text = endpoint.strip()
-    if text.startswith("https://"):
-        raise ConfigurationError(f"etcd endpoint {endpoint!r}: TLS is not supported")
-    text = text.removeprefix("http://").rstrip("/")
+    scheme: str | None = None
+    for candidate in ("http", "https"):
+        if text.startswith(f"{candidate}://"):
+            scheme, text = candidate, text.removeprefix(f"{candidate}://")
+    text = text.rstrip("/")
     host, sep, port_text = text.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ConfigurationError(f"etcd endpoint {endpoint!r} is not host:port")
-    return host, int(port_text)
+        raise ConfigurationError(
+            f"etcd endpoint {endpoint!r} is not host:port (http:// or https:// allowed)"
+        )
+    return scheme, host, int(port_text)
+
+
+def _dial_name(host: str, port: int) -> str:
+    """``host:port`` as gRPC dials it (and checks the server's certificate against)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _is_lease_not_found(error: BaseException) -> bool:
@@ -185,29 +382,110 @@ def _is_lease_not_found(error: BaseException) -> bool:
     return "lease not found" in str(error)
 
 
+# etcd's refusals of a request's auth token (rpctypes ErrInvalidAuthToken, ErrAuthOldRevision,
+# ErrUserEmpty) and of a watch created on a stream whose token expired ("permission denied").
+# All are decided before the request runs, so re-sending on a fresh token is safe.
+_STALE_TOKEN_SIGNS = (
+    "invalid auth token",
+    "revision of auth store is old",
+    "user name is empty",
+    "permission denied",
+)
+
+
+def _is_token_refusal(error: BaseException) -> bool:
+    text = str(error)
+    return any(sign in text for sign in _STALE_TOKEN_SIGNS)
+
+
+def _access_problem(error: BaseException, security: EtcdSecurity | None) -> str | None:
+    """What an operator should fix when ``error`` is etcd refusing this client (or the
+    client refusing etcd's certificate); None for any other failure."""
+    text = str(error)
+    if "authentication failed" in text:
+        return (
+            "etcd refused the user name or password "
+            "(PAYDISPATCH_ETCD_USERNAME / PAYDISPATCH_ETCD_PASSWORD)"
+        )
+    if "permission denied" in text or "user name is empty" in text:
+        if security is None or not security.authenticates:
+            return (
+                "etcd has authentication switched on: set PAYDISPATCH_ETCD_USERNAME and "
+                "PAYDISPATCH_ETCD_PASSWORD"
+            )
+        return (
+            f"etcd user {security.username!r} may not do this: its role needs readwrite on "
+            "the /paydispatch/ prefix (etcdctl role grant-permission --prefix)"
+        )
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return "etcd's server certificate is not signed by the CA in PAYDISPATCH_ETCD_CA_FILE"
+    if "hostname verification" in text.lower():
+        return (
+            "etcd's server certificate does not name the endpoint it was reached at: list "
+            "the members in PAYDISPATCH_ETCD_ENDPOINTS by a name (or IP) their certificates "
+            "carry"
+        )
+    if "BAD_CERTIFICATE" in text or "CERTIFICATE_REQUIRED" in text or "UNKNOWN_CA" in text:
+        return (
+            "etcd rejected this client's TLS certificate: set PAYDISPATCH_ETCD_CERT_FILE and "
+            "PAYDISPATCH_ETCD_KEY_FILE to a certificate signed by a CA etcd trusts "
+            "(its --trusted-ca-file)"
+        )
+    if "WRONG_VERSION_NUMBER" in text or ("handshake" in text.lower() and "TSI" in text):
+        return (
+            "TLS handshake with etcd failed: is it serving TLS on these endpoints "
+            "(https:// client URLs)?"
+        )
+    return None
+
+
 class EtcdClient:
     """Async etcd client for the election: leases, create-if-absent, guarded deletes, watches.
 
-    ``endpoints`` are ``host:port`` strings; all are used for failover. ``timeout`` (seconds)
-    bounds every call that is not given its own. Creating the client does no I/O; it connects
-    on the first call, so it can be created while etcd is down."""
+    ``endpoints`` are ``host:port`` strings (``http://``/``https://`` allowed); all are used
+    for failover. ``timeout`` (seconds) bounds every call that is not given its own.
+    ``security`` adds TLS and/or user/password authentication; ``https://`` endpoints need
+    it with a CA file. Creating the client does no I/O; it connects on the first call, so it
+    can be created while etcd is down."""
 
-    def __init__(self, endpoints: Sequence[str], *, timeout: float) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        timeout: float,
+        security: EtcdSecurity | None = None,
+    ) -> None:
         if isinstance(endpoints, str):
             raise TypeError("endpoints must be a sequence of host:port strings, not one string")
         if not endpoints:
             raise ConfigurationError("at least one etcd endpoint is required")
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0, got {timeout}")
-        self._addresses = [_parse_endpoint(e) for e in endpoints]
+        parsed = [parse_endpoint(e) for e in endpoints]
+        tls = security is not None and security.tls
+        for endpoint, (scheme, _, _) in zip(endpoints, parsed, strict=True):
+            if scheme == "https" and not tls:
+                raise ConfigurationError(
+                    f"etcd endpoint {endpoint!r} is https:// but no CA file is configured "
+                    "(PAYDISPATCH_ETCD_CA_FILE) to check etcd's certificate with"
+                )
+            if scheme == "http" and tls:
+                raise ConfigurationError(
+                    f"etcd endpoint {endpoint!r} is plain http:// while TLS is configured "
+                    "(PAYDISPATCH_ETCD_CA_FILE): write it as https:// or host:port"
+                )
+        self._addresses = [(host, port) for _, host, port in parsed]
         self.endpoints: tuple[str, ...] = tuple(e.strip() for e in endpoints)
         self.timeout = timeout
+        self.security = security
         self._client: Any = None
         # Where the next channel's address list starts; advanced each time a channel is dropped.
         self._offset = 0
         self._connect_lock = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
+        # Channels opened so far (each authenticates when a user is configured).
+        self.connections = 0
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -230,12 +508,23 @@ class EtcdClient:
             await asyncio.wait(set(self._closing), timeout=_CLOSE_TIMEOUT)
 
     def _describe(self) -> str:
-        return f"endpoints {','.join(self.endpoints)}"
+        security = self.security
+        extra = ""
+        if security is not None and security.tls:
+            extra += ", TLS"
+        if security is not None and security.authenticates:
+            extra += f", user {security.username}"
+        return f"endpoints {','.join(self.endpoints)}{extra}"
 
-    async def _target(self) -> tuple[str, int]:
-        """(host, port) for aetcd, which dials ``f"{host}:{port}"``: a gRPC static address list
-        ``ipv4:A:1,B:2,C`` + ``3``, starting at the current offset. Names are resolved here,
-        on every new channel, because a gRPC address list takes IP literals only."""
+    async def _target(self) -> str:
+        """The gRPC target of the next channel, starting at the current offset.
+
+        With TLS: that one member, by its configured name, so gRPC checks the member's
+        certificate against it. Without: a static address list ``ipv4:A:1,B:2,C:3`` of every
+        member. Names are resolved here, on every new channel, because a gRPC address list
+        takes IP literals only."""
+        if self.security is not None and self.security.tls:
+            return _dial_name(*self._addresses[self._offset])
         loop = asyncio.get_running_loop()
         ordered = self._addresses[self._offset :] + self._addresses[: self._offset]
         by_family: dict[int, list[str]] = {4: [], 6: []}
@@ -257,25 +546,39 @@ class EtcdClient:
         addresses = by_family[family]
         if not addresses:
             raise EtcdUnavailable(f"no etcd endpoint resolves ({self._describe()})")
-        target = f"ipv{family}:{','.join(addresses)}"
-        host_part, _, port_part = target.rpartition(":")
-        return host_part, int(port_part)
+        return f"ipv{family}:{','.join(addresses)}"
 
     async def _current(self) -> Any:
-        """The live aetcd client, created on first use and after a failure dropped it."""
+        """The live aetcd client, created (and authenticated) on first use and after a
+        failure dropped it."""
         if self._closed:
             raise EtcdUnavailable(f"etcd client is closed ({self._describe()})")
         if self._client is not None:
             return self._client
         async with self._connect_lock:
             if self._client is None:
-                host, port = await self._target()
-                client = aetcd.Client(
-                    host=host, port=port, timeout=self.timeout, options=_CHANNEL_OPTIONS
+                target = await self._target()
+                security = self.security or EtcdSecurity()
+                # Certificate files are read off the loop: no blocking call on it, ever.
+                credentials = await asyncio.to_thread(security.load_credentials)
+                client = _Client(
+                    target,
+                    credentials=credentials,
+                    username=security.username,
+                    password=security.password,
+                    metadata=_REQUIRE_LEADER,
+                    timeout=self.timeout,
+                    options=_CHANNEL_OPTIONS,
                 )
-                # aetcd sends ``client.metadata`` with every request and hands it to its watch
-                # stream when it connects, so setting it before the first call covers both.
-                client.metadata = _REQUIRE_LEADER
+                self.connections += 1
+                try:
+                    # Authenticates when a user is configured, so a wrong password shows here.
+                    await client.connect()
+                except BaseException:
+                    # This member failed us: the next channel starts at the next one.
+                    self._offset = (self._offset + 1) % len(self._addresses)
+                    self._close_in_background(client)
+                    raise
                 self._client = client
             return self._client
 
@@ -286,6 +589,9 @@ class EtcdClient:
             return
         self._client = None
         self._offset = (self._offset + 1) % len(self._addresses)
+        self._close_in_background(client)
+
+    def _close_in_background(self, client: Any) -> None:
         task = asyncio.get_running_loop().create_task(self._close_quietly(client))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
@@ -312,27 +618,41 @@ class EtcdClient:
             detail = "timed out"
         elif isinstance(error, _ClosedUnderCall):
             detail = "connection closed during the call"
+        elif isinstance(error, grpc.aio.AioRpcError):
+            # Raised by our own connect() (aetcd wraps the others); its str() is a 4-line repr.
+            detail = f"failed: {error.code().name}: {error.details()}"
         else:
             detail = f"failed: {type(error).__name__}: {error}"
+        problem = _access_problem(error, self.security)
+        if problem is not None:
+            return EtcdAccessDenied(f"{problem}; etcd {what} {detail} ({self._describe()})")
         return EtcdUnavailable(f"etcd {what} {detail} ({self._describe()})")
 
     async def _call(self, what: str, timeout: float | None, op: Callable[[Any], Awaitable[T]]) -> T:
-        """Run ``op(aetcd_client)`` once within the timeout, translating every failure."""
+        """Run ``op(aetcd_client)`` once within the timeout, translating every failure.
+
+        The one retry: with a user configured, a request that etcd refused for its auth token
+        (expired after ``--auth-token-ttl`` unused, or lost in a member restart) is sent once
+        more on a fresh, re-authenticated channel, within the same budget. etcd decides that
+        refusal before running the request, so nothing is done twice."""
         budget = self.timeout if timeout is None else timeout
         client: Any = None
         try:
             async with asyncio.timeout(budget):
                 client = await self._current()
                 try:
-                    return await op(client)
-                except asyncio.CancelledError:
-                    task = asyncio.current_task()
-                    if task is not None and task.cancelling() == 0:
-                        # grpc.aio raises CancelledError in the awaiting task when the channel
-                        # is closed under a running call; our task was not cancelled, so
-                        # report it as the connection failure it is.
-                        raise _ClosedUnderCall from None
-                    raise
+                    return await self._attempt(client, op)
+                except Exception as error:
+                    if not (
+                        self.security is not None
+                        and self.security.authenticates
+                        and _is_token_refusal(error)
+                    ):
+                        raise
+                    log.info("etcd %s: token refused (%s); re-authenticating", what, error)
+                    self._drop(client)
+                    client = await self._current()
+                    return await self._attempt(client, op)
         except EtcdUnavailable:
             raise
         except TimeoutError as error:
@@ -341,6 +661,19 @@ class EtcdClient:
             if _is_lease_not_found(error):
                 raise LeaseNotFound(f"etcd {what}: {error} ({self._describe()})") from error
             raise self._translate(what, error, client) from error
+
+    @staticmethod
+    async def _attempt(client: Any, op: Callable[[Any], Awaitable[T]]) -> T:
+        try:
+            return await op(client)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling() == 0:
+                # grpc.aio raises CancelledError in the awaiting task when the channel is
+                # closed under a running call; our task was not cancelled, so report it as
+                # the connection failure it is.
+                raise _ClosedUnderCall from None
+            raise
 
     # --- leases ----------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from app.errors import EtcdUnavailable, LeadershipLost
-from app.leadership.etcd import EtcdClient
+from app.leadership.etcd import EtcdClient, EtcdSecurity
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,10 @@ class KeepAlive:
         granted_at: float,
         watchdog: LoopWatchdog,
         on_lost: Callable[[str], None],
+        security: EtcdSecurity | None = None,
     ) -> None:
         self.endpoints = tuple(endpoints)
+        self.security = security  # the same TLS and credentials as the elector's own client
         self.lease_id = lease_id
         self.ttl = ttl
         self.last_ok_sent = granted_at
@@ -102,7 +104,7 @@ class KeepAlive:
         # The gRPC channel belongs to this thread's loop, so the client is made here.
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        async with EtcdClient(self.endpoints, timeout=interval) as client:
+        async with EtcdClient(self.endpoints, timeout=interval, security=self.security) as client:
             while not self._stop.is_set():
                 due = self.last_ok_sent + interval - time.monotonic()
                 if due > 0:

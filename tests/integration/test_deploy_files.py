@@ -10,10 +10,12 @@ asserted on Compose's resolved model,
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -27,7 +29,9 @@ VALIDATE = ROOT / ".ci" / "validate-deploy"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ETCD_MEMBERS = ("etcd-1", "etcd-2", "etcd-3")
 REPLICAS = ("replica-1", "replica-2", "replica-3")
-ONE_SHOT = frozenset({"migrate", "load"})
+ONE_SHOT = frozenset({"migrate", "load", "etcd-tls", "etcd-auth"})
+# Where the replicas and etcd-auth mount the etcd-tls volume.
+APP_TLS_DIR = "/etc/paydispatch/etcd-tls"
 
 Services = dict[str, dict[str, Any]]
 
@@ -97,7 +101,7 @@ def test_validator_accepts_the_repository_files() -> None:
 def test_three_etcd_members_run_a_pinned_3_5_image_and_know_each_other(
     services: Services,
 ) -> None:
-    etcd = sorted(name for name in services if name.startswith("etcd"))
+    etcd = sorted(name for name in services if name.startswith("etcd") and name not in ONE_SHOT)
 
     assert etcd == list(ETCD_MEMBERS)
     for name in etcd:
@@ -107,9 +111,41 @@ def test_three_etcd_members_run_a_pinned_3_5_image_and_know_each_other(
         ), service["image"]
         env = service["environment"]
         assert env["ETCD_NAME"] == name
-        assert env["ETCD_ADVERTISE_CLIENT_URLS"] == f"http://{name}:2379"
+        assert env["ETCD_ADVERTISE_CLIENT_URLS"] == f"https://{name}:2379"
         members = dict(m.split("=", 1) for m in env["ETCD_INITIAL_CLUSTER"].split(","))
         assert members == {m: f"http://{m}:2380" for m in ETCD_MEMBERS}
+
+
+def test_etcd_serves_clients_over_tls_with_client_certificates_only(services: Services) -> None:
+    for name in ETCD_MEMBERS:
+        service = services[name]
+        env = service["environment"]
+        assert env["ETCD_LISTEN_CLIENT_URLS"] == "https://0.0.0.0:2379"
+        assert env["ETCD_CLIENT_CERT_AUTH"] == "true"
+        for variable in ("ETCD_CERT_FILE", "ETCD_KEY_FILE", "ETCD_TRUSTED_CA_FILE"):
+            assert env[variable].startswith("/etcd-tls/"), variable
+        mounts = {(v["source"], v["target"], v.get("read_only")) for v in service["volumes"]}
+        assert ("etcd-tls", "/etcd-tls", True) in mounts
+        assert service["depends_on"]["etcd-tls"]["condition"] == "service_completed_successfully"
+        check = " ".join(service["healthcheck"]["test"])
+        assert "--endpoints=https://127.0.0.1:2379" in check
+        assert "--cert=/etcd-tls/client.pem" in check
+
+
+def test_the_certificates_and_etcd_auth_are_set_up_by_one_shot_services(
+    services: Services,
+) -> None:
+    tls = services["etcd-tls"]
+    assert tls["restart"] == "no"
+    assert {(v["source"], v["target"]) for v in tls["volumes"]} == {("etcd-tls", "/etcd-tls")}
+    assert tls["environment"]["ETCD_TLS_DIR"] == "/etcd-tls"
+
+    auth = services["etcd-auth"]
+    assert auth["restart"] == "no"
+    assert auth["entrypoint"] + auth["command"] == ["python", "/etcd-auth.py"]
+    assert auth["environment"]["ETCD_ROOT_PASSWORD"]
+    for member in ETCD_MEMBERS:
+        assert auth["depends_on"][member]["condition"] == "service_healthy"
 
 
 def test_three_replicas_serve_with_their_own_node_id_after_the_migration(
@@ -125,12 +161,22 @@ def test_three_replicas_serve_with_their_own_node_id_after_the_migration(
         # `make kill-leader` kills the service named by the leader's node id.
         assert env["PAYDISPATCH_NODE_ID"] == name
         assert env["PAYDISPATCH_ADVERTISE_URL"] == f"http://{name}:8080"
-        assert env["PAYDISPATCH_ETCD_ENDPOINTS"].split(",") == [f"{m}:2379" for m in ETCD_MEMBERS]
+        assert env["PAYDISPATCH_ETCD_ENDPOINTS"].split(",") == [
+            f"https://{m}:2379" for m in ETCD_MEMBERS
+        ]
+        assert env["PAYDISPATCH_ETCD_CA_FILE"] == f"{APP_TLS_DIR}/ca.pem"
+        assert env["PAYDISPATCH_ETCD_CERT_FILE"] == f"{APP_TLS_DIR}/client.pem"
+        assert env["PAYDISPATCH_ETCD_KEY_FILE"] == f"{APP_TLS_DIR}/client-key.pem"
+        assert env["PAYDISPATCH_ETCD_USERNAME"] == "paydispatch"
+        assert env["PAYDISPATCH_ETCD_PASSWORD"]
+        mounts = {(v["source"], v["target"], v.get("read_only")) for v in service["volumes"]}
+        assert ("etcd-tls", APP_TLS_DIR, True) in mounts
         assert env["PAYDISPATCH_DATABASE_URL"].startswith("postgresql://")
         assert env["PAYDISPATCH_PROVIDER_URL"] == "http://provider:8081"
         assert env["PAYDISPATCH_API_KEYS"]
         depends = service["depends_on"]
         assert depends["migrate"]["condition"] == "service_completed_successfully"
+        assert depends["etcd-auth"]["condition"] == "service_completed_successfully"
         for member in ETCD_MEMBERS:
             assert depends[member]["condition"] == "service_healthy"
     node_ids = {services[name]["environment"]["PAYDISPATCH_NODE_ID"] for name in replicas}
@@ -254,3 +300,91 @@ def test_validator_fails_on_a_broken_compose_file(
 
     assert result.returncode != 0
     assert f"FAIL  compose: {broken} config --quiet" in result.stdout
+
+
+# --- the compose file's etcd set-up scripts, run for real -------------------------------------
+
+
+def _run_script(script: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PAYDISPATCH_", "ETCD"))}
+    return subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**clean, **env},
+        check=False,
+    )
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+def test_the_compose_etcd_scripts_make_working_certificates_and_auth(tmp_path: Path) -> None:
+    """etcd-tls.py's certificates serve a real etcd with --client-cert-auth, etcd-auth.py
+    turns its auth on with the paydispatch role, and paydispatch's client gets in with the
+    same variables the replicas are given (only the endpoint differs)."""
+    from app.leadership.etcd import EtcdAccessDenied, EtcdClient, EtcdSecurity
+    from app.stack.etcd import EtcdCluster, EtcdTls
+
+    configs = compose_model()["configs"]
+    scripts = {}
+    for name in ("etcd-tls.py", "etcd-auth.py"):
+        scripts[name] = tmp_path / name
+        scripts[name].write_text(configs[name]["content"])
+    tls_dir = tmp_path / "etcd-tls"
+
+    made = _run_script(scripts["etcd-tls.py"], {"ETCD_TLS_DIR": str(tls_dir)})
+    assert made.returncode == 0, made.stderr
+    kept = _run_script(scripts["etcd-tls.py"], {"ETCD_TLS_DIR": str(tls_dir)})
+    assert "keeping them" in kept.stdout, kept.stdout + kept.stderr
+    names = sorted(path.name for path in tls_dir.iterdir())
+    assert names == ["ca.pem", "client-key.pem", "client.pem", "server-key.pem", "server.pem"]
+    assert (tls_dir / "client-key.pem").stat().st_mode & 0o077 == 0, "keys are private"
+
+    tls = EtcdTls(
+        ca_file=tls_dir / "ca.pem",
+        cert_file=tls_dir / "server.pem",
+        key_file=tls_dir / "server-key.pem",
+        client_cert_file=tls_dir / "client.pem",
+        client_key_file=tls_dir / "client-key.pem",
+    )
+    with EtcdCluster(size=1, name="compose-tls", tls=tls) as cluster:
+        env = {
+            "PAYDISPATCH_ETCD_ENDPOINTS": cluster.client_urls[0],
+            "PAYDISPATCH_ETCD_CA_FILE": str(tls.ca_file),
+            "PAYDISPATCH_ETCD_CERT_FILE": str(tls.client_cert_file),
+            "PAYDISPATCH_ETCD_KEY_FILE": str(tls.client_key_file),
+            "PAYDISPATCH_ETCD_USERNAME": "paydispatch",
+            "PAYDISPATCH_ETCD_PASSWORD": "etcd-test-password",
+            "ETCD_ROOT_PASSWORD": "etcd-root-test-password",
+        }
+        enabled = _run_script(scripts["etcd-auth.py"], env)
+        assert enabled.returncode == 0, enabled.stderr
+        assert "etcd auth enabled" in enabled.stdout
+        again = _run_script(scripts["etcd-auth.py"], env)
+        assert again.returncode == 0, again.stderr
+        assert "already enabled" in again.stdout
+
+        security = EtcdSecurity(
+            ca_file=tls.ca_file,
+            cert_file=tls.client_cert_file,
+            key_file=tls.client_key_file,
+            username="paydispatch",
+            password="etcd-test-password",
+        )
+
+        async def use_it() -> None:
+            async with EtcdClient(cluster.client_urls, timeout=2.0, security=security) as etcd:
+                lease = await etcd.grant_lease(5)
+                created, _, _ = await etcd.create_if_absent("/paydispatch/c/x", b"1", lease)
+                assert created
+                with pytest.raises(EtcdAccessDenied):
+                    await etcd.get("/not-paydispatch")
+                await etcd.revoke_lease(lease)
+            anonymous = EtcdSecurity(
+                ca_file=tls.ca_file, cert_file=tls.client_cert_file, key_file=tls.client_key_file
+            )
+            async with EtcdClient(cluster.client_urls, timeout=2.0, security=anonymous) as etcd:
+                with pytest.raises(EtcdAccessDenied, match="PAYDISPATCH_ETCD_USERNAME"):
+                    await etcd.get("/paydispatch/c/x")
+
+        asyncio.run(use_it())
