@@ -48,14 +48,28 @@ class Reconciled:
 Settle = Callable[[Settlement], Awaitable[bool]]
 
 
+class UnprovenCharge(UnknownOutcome):
+    """The ledger files a charge under the key, but its status proves neither a success nor a
+    decline; the payment stays waiting for reconciliation."""
+
+
+# The only ledger statuses that settle a payment.
+_SETTLING = {"succeeded": PaymentStatus.SUCCEEDED, "declined": PaymentStatus.DECLINED}
+
+
 def settlement_for(payment_id: int, charge: Charge) -> Settlement:
-    """How a charge found in the ledger settles its payment: a declined charge → declined,
-    any other charge → succeeded.
+    """How a charge found in the ledger settles its payment: declined → declined, succeeded →
+    succeeded; any other status raises UnprovenCharge (an unknown outcome, never a guess).
 
     The one place where a ledger entry becomes a terminal state, for both callers: a check
     that the charge really belongs to the payment (amount, currency, key) belongs here.
     """
-    status = PaymentStatus.DECLINED if charge.status == "declined" else PaymentStatus.SUCCEEDED
+    status = _SETTLING.get(charge.status)
+    if status is None:
+        raise UnprovenCharge(
+            f"the provider's charge {charge.charge_id} has status {charge.status!r}, which "
+            "proves neither a success nor a decline"
+        )
     return Settlement(payment_id, status, charge.charge_id)
 
 

@@ -10,16 +10,23 @@ import aiohttp
 from aiohttp import web
 
 from app.dispatch.provider import ProviderClient
-from app.dispatch.reconcile import Settlement, reconcile_one
+from app.dispatch.reconcile import Settlement, UnprovenCharge, reconcile_one
 from app.domain.payment import Payment, ReconcileCandidate
 from app.domain.states import PaymentStatus
-from app.errors import RetryableProviderError, UnknownOutcome
+from app.errors import PaydispatchError, RetryableProviderError, UnknownOutcome
 from app.store import payments
 from app.web.auth import bearer_token
 from app.web.params import parse_id
 from app.web.problems import problem
 from app.web.schemas import HandedOver, Reconciled, Requeued, json_response
 from app.web.state import ELECTOR, ENGINE, OBSERVER, SETTINGS
+
+# What an operator's reconcile may write: the ledger proves one of these, or nothing is written.
+SETTLED_BY_LEDGER = (PaymentStatus.SUCCEEDED, PaymentStatus.DECLINED)
+
+
+class _NotSettleable(PaydispatchError):
+    """The provider's ledger does not prove a success or a decline for this payment."""
 
 
 def actor(request: web.Request) -> str:
@@ -102,6 +109,13 @@ async def reconcile_payment(request: web.Request) -> web.Response:
         )
 
     async def settle(settlement: Settlement) -> bool:
+        if settlement.status not in SETTLED_BY_LEDGER:
+            # Checked before the write: any other status would be a guess (or, for a state
+            # the table forbids with a completion time, a 500 from the database).
+            raise _NotSettleable(
+                f"reconciliation found status {settlement.status.value!r} for charge "
+                f"{settlement.charge_id}; only succeeded or declined settle a payment"
+            )
         async with request.app[ENGINE].begin() as conn:
             return await payments.admin_settle(
                 conn,
@@ -120,6 +134,14 @@ async def reconcile_payment(request: web.Request) -> web.Response:
                 timeout=settings.provider_timeout,
                 settle=settle,
             )
+    except (UnprovenCharge, _NotSettleable) as exc:
+        await audit(request, "reconcile", "not_settleable", payment.id, error=str(exc))
+        return problem(
+            422,
+            "Ledger does not settle the payment",
+            f"{exc}; payment {payment.id} stays needs_reconciliation: check the charge at the "
+            "provider before deciding",
+        )
     except (RetryableProviderError, UnknownOutcome) as exc:
         await audit(request, "reconcile", "provider_unavailable", payment.id, error=str(exc))
         return problem(503, "Provider unavailable", str(exc), headers={"Retry-After": "5"})
