@@ -278,9 +278,34 @@ def leader() -> None:
 @_key
 @_admin
 @_json
-def leader_resign(url: str, api_key: str | None, admin_key: str | None, as_json: bool) -> None:
-    """Ask the leader to hand over now (graceful, like SIGTERM, but it stays a follower)."""
+@click.option(
+    "--yes",
+    is_flag=True,
+    help="Send the admin key to the leader's advertised URL without asking (it comes from "
+    "etcd, not from you).",
+)
+def leader_resign(
+    url: str, api_key: str | None, admin_key: str | None, as_json: bool, yes: bool
+) -> None:
+    """Ask the leader to hand over now (graceful, like SIGTERM, but it stays a follower).
+
+    The request must go to the leader's own address, read from its leader record; when that
+    is not --url, you are asked before the admin key is sent there.
+    """
     from app.ops import operator
+
+    def confirm(found: dict[str, Any]) -> bool:
+        if yes:
+            return True
+        try:
+            return click.confirm(
+                f"The leader {found.get('node_id')} advertises {found.get('url')}, which is "
+                f"not {url}. Send the admin key there?",
+                default=False,
+                err=True,
+            )
+        except click.Abort:  # no answer (no terminal, end of input): not confirmed
+            return False
 
     def render(r: dict[str, Any]) -> None:
         new = r.get("new_leader")
@@ -289,7 +314,11 @@ def leader_resign(url: str, api_key: str | None, admin_key: str | None, as_json:
             + (f"{new['node_id']} (token {new['token']})" if new else "not yet known")
         )
 
-    operator.emit(operator.resign_leader(url, api_key, admin_key or api_key), as_json, render)
+    operator.emit(
+        operator.resign_leader(url, api_key, admin_key or api_key, confirm=confirm),
+        as_json,
+        render,
+    )
 
 
 if __name__ == "__main__":

@@ -82,6 +82,11 @@ class UnknownOutcome(ProviderError):
         self.status = status
 
 
+class UnprovenCharge(UnknownOutcome):
+    """The provider's ledger files a charge under the key, but its status proves neither a
+    success nor a decline (pending, refunded, ...): nothing can be settled from it."""
+
+
 class ChargeMismatch(ProviderError):
     """The provider answered with a charge that is not this payment's (another amount,
     currency, key or payment id): nothing is recorded as charged, and the payment waits for

@@ -17,6 +17,7 @@ from aiohttp import web
 from app.dispatch.dispatcher import DispatchStats
 from app.dispatch.leader import DispatchLeader
 from app.dispatch.provider import ProviderClient
+from app.errors import DatabaseUnavailable
 from app.leadership.elector import ElectionConfig, Elector
 from app.leadership.etcd import EtcdClient, EtcdSecurity
 from app.leadership.keepalive import LoopWatchdog
@@ -25,6 +26,7 @@ from app.obs.collectors import collect_replica, refresh_counts
 from app.settings import Settings
 from app.store.counts import StatusCounts
 from app.store.engine import create_engine
+from app.store.fence import check_fence_name, enforced_fence_name, privilege_warnings
 from app.web.admin import add_admin_routes
 from app.web.app import create_app
 from app.web.cluster import add_cluster_routes
@@ -44,6 +46,11 @@ from app.web.state import (
 from app.web.testhooks import add_test_hooks
 
 log = logging.getLogger(__name__)
+
+# How long a starting replica waits for Postgres to answer its fence check: long enough for a
+# database that is still starting next to it (compose, the local stack), short enough that a
+# wrong URL ends the start with an error instead of a silent hang.
+STARTUP_DATABASE_WAIT = 30.0
 
 
 def etcd_security(settings: Settings) -> EtcdSecurity | None:
@@ -75,6 +82,39 @@ def election_config(settings: Settings) -> ElectionConfig:
         shutdown_grace=settings.shutdown_grace,
         security=etcd_security(settings),
     )
+
+
+async def _verify_fence(app: web.Application) -> AsyncIterator[None]:
+    """Refuse to start unless this replica's fence is the one the schema's triggers enforce.
+
+    Runs before the server answers and before the elector campaigns: a leader raising a
+    fence no trigger checks would not be fenced at all (issue 10, defect 6).
+    """
+    settings = app[SETTINGS]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + STARTUP_DATABASE_WAIT
+    while True:
+        try:
+            enforced = await enforced_fence_name(app[ENGINE])
+            warnings = await privilege_warnings(app[ENGINE], settings.replica_role)
+            break
+        except DatabaseUnavailable as exc:
+            if loop.time() > deadline:
+                raise DatabaseUnavailable(
+                    "cannot check the fence before starting: Postgres did not answer within "
+                    f"{STARTUP_DATABASE_WAIT:.0f}s (PAYDISPATCH_DATABASE_URL)"
+                ) from exc
+            log.warning("waiting for Postgres to check the fence: %s", exc)
+            await asyncio.sleep(1.0)
+    check_fence_name(settings.fence_name, enforced)
+    for warning in warnings:
+        log.warning(
+            "%s: replicas should log in as a member of the least-privilege role %s "
+            "(README, 'Database roles')",
+            warning,
+            settings.replica_role,
+        )
+    yield
 
 
 async def _leadership(app: web.Application) -> AsyncIterator[None]:
@@ -142,6 +182,7 @@ async def _resign_first(app: web.Application) -> None:
 def create_replica_app(settings: Settings) -> web.Application:
     """API + election + observer + (while leading) the dispatcher."""
     app = create_app(settings)
+    app.cleanup_ctx.append(_verify_fence)
     app.cleanup_ctx.append(_leadership)
     app.on_shutdown.append(_resign_first)
     add_cluster_routes(app)
@@ -160,7 +201,12 @@ async def serve(settings: Settings, app: web.Application | None = None) -> None:
     """
     app = app or create_replica_app(settings)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except BaseException:
+        # A refused start (the fence check) must still close what started before it.
+        await runner.cleanup()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -19,6 +19,14 @@ from app.errors import ConfigurationError
 
 ENV_PREFIX = "PAYDISPATCH_"
 
+# Names that `paydispatch migrate` writes into DDL (trigger arguments, GRANT statements), where
+# bind parameters are not possible: nothing but these characters may ever reach it. Checked
+# here, before any command runs, and again by the migrations themselves.
+FENCE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+NOTIFY_CHANNEL_PATTERN = r"^[a-z_][a-z0-9_]{0,62}$"
+# An unquoted Postgres identifier (and not "pg_…": reserved for the system's own roles).
+ROLE_NAME_PATTERN = r"^[a-z_][a-z0-9_]{0,62}$"
+
 
 def _default_node_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -114,12 +122,22 @@ class Settings(BaseSettings):
 
     # --- database -----------------------------------------------------------------------
     fence_name: str = Field(
-        "payments", description="Name of the leader_fence row guarding the payments queue."
+        "payments",
+        pattern=FENCE_NAME_PATTERN,
+        description="Name of the leader_fence row guarding the payments queue (lower-case "
+        "letters, digits, '_', '.', '-'); must be the name the schema's triggers enforce.",
     )
     notify_channel: str = Field(
         "paydispatch_payments",
-        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        pattern=NOTIFY_CHANNEL_PATTERN,
         description="Postgres LISTEN/NOTIFY channel woken on every new payment.",
+    )
+    replica_role: str = Field(
+        "paydispatch_replica",
+        pattern=ROLE_NAME_PATTERN,
+        description="Least-privilege Postgres role replicas log in as members of; "
+        "`paydispatch migrate` (run as the schema owner) creates it if missing and sets its "
+        "grants.",
     )
     db_pool_size: int = Field(10, ge=1, description="Connections in the API's pool.")
     db_timeout: float = Field(
@@ -218,6 +236,13 @@ class Settings(BaseSettings):
         # the driver itself (app.store.engine), so settings need not know its name.
         if scheme not in {"postgresql", "postgres"} and not scheme.startswith("postgresql+"):
             raise ValueError(f"must start with postgresql:// (got {scheme or 'no scheme'}://...)")
+        return value
+
+    @field_validator("replica_role")
+    @classmethod
+    def _check_role(cls, value: str) -> str:
+        if value.startswith("pg_"):
+            raise ValueError("role names starting with pg_ are reserved by Postgres")
         return value
 
     @model_validator(mode="after")

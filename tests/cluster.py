@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from app.ops.client import http_json
 from app.stack.replica import ReplicaProcess
+from tests.conftest import replica_url
 
 T = TypeVar("T")
 
@@ -102,9 +103,10 @@ def running_replicas(
 
 
 def cluster_env(database_url: str, etcd_endpoints: str, **extra: str) -> dict[str, str]:
-    """Environment for replicas of one fresh election namespace."""
+    """Environment for replicas of one fresh election namespace. ``database_url`` is the
+    owner's; the replicas log in as the least-privilege replica user, as in production."""
     env = {
-        "PAYDISPATCH_DATABASE_URL": database_url,
+        "PAYDISPATCH_DATABASE_URL": replica_url(database_url),
         "PAYDISPATCH_ETCD_ENDPOINTS": etcd_endpoints,
         "PAYDISPATCH_CLUSTER_NAME": f"test-{uuid.uuid4().hex[:10]}",
         "PAYDISPATCH_LEASE_TTL": "2",

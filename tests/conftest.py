@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 TEMPLATE_DB = "paydispatch_template"
 TEST_API_KEY = "test-api-key"
+# A login user in the least-privilege replica role (created once per server, like an operator
+# would): what replicas connect as, and what the privilege tests try to misuse.
+REPLICA_LOGIN = "paydispatch_test_replica"
 
 
 def postgres_dir() -> Path:
@@ -72,9 +75,19 @@ async def template_db(pg_server: PostgresServer) -> str:
     from app.store.migrate import migrate
 
     await admin_execute(pg_server, f"CREATE DATABASE {TEMPLATE_DB}")
-    await migrate(load_settings(database_url=pg_server.url(TEMPLATE_DB)))
-    await admin_execute(pg_server, f"ALTER DATABASE {TEMPLATE_DB} WITH IS_TEMPLATE true")
+    settings = load_settings(database_url=pg_server.url(TEMPLATE_DB))
+    await migrate(settings)  # as the owner; it creates the replica role and its grants
+    await admin_execute(
+        pg_server,
+        f"ALTER DATABASE {TEMPLATE_DB} WITH IS_TEMPLATE true",
+        f"CREATE ROLE {REPLICA_LOGIN} LOGIN IN ROLE {settings.replica_role}",
+    )
     return TEMPLATE_DB
+
+
+def replica_url(owner_url: str) -> str:
+    """``owner_url`` with the replica login instead of the owner (trust auth: no password)."""
+    return owner_url.replace("postgresql://postgres@", f"postgresql://{REPLICA_LOGIN}@", 1)
 
 
 @pytest.fixture
@@ -106,6 +119,18 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     import asyncpg
 
     conn = await asyncpg.connect(database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def replica_db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A raw asyncpg connection to this test's database as the least-privilege replica login."""
+    import asyncpg
+
+    conn = await asyncpg.connect(replica_url(database_url))
     try:
         yield conn
     finally:

@@ -31,6 +31,7 @@ from app.errors import (
     RetryableProviderError,
     TerminalProviderError,
     UnknownOutcome,
+    UnprovenCharge,
 )
 
 CHARGE_STATUSES = frozenset({"succeeded", "declined"})
@@ -175,11 +176,17 @@ def charge_from_ledger(payload: dict[str, Any], provider_key: str) -> Charge | N
     for item in items:
         if isinstance(item, dict) and item.get("idempotency_key") == provider_key:
             charge = parse_charge(item, 200)
-            if charge is None:
-                raise UnknownOutcome(
-                    f"the provider's ledger lists a malformed charge under key {provider_key}"
+            if charge is not None:
+                return charge
+            status = item.get("status")
+            if isinstance(item.get("id"), str) and item["id"] and status not in CHARGE_STATUSES:
+                raise UnprovenCharge(
+                    f"the provider's charge {item['id']} under key {provider_key} has status "
+                    f"{status!r}, which proves neither a success nor a decline"
                 )
-            return charge
+            raise UnknownOutcome(
+                f"the provider's ledger lists a malformed charge under key {provider_key}"
+            )
     return None
 
 

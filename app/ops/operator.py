@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 
@@ -23,6 +24,13 @@ def call(method: str, url: str, key: str | None, timeout: float = 10.0) -> Any:
     status, body = http_json(url, timeout, method=method, api_key=key)
     if status == 0:
         raise ApiError(f"no answer from {url} (is the replica running? --url / PAYDISPATCH_URL)")
+    if 300 <= status < 400:
+        # Not followed (app.ops.client): keys go only to the URL the operator configured.
+        raise ApiError(
+            f"{url} answered with a redirect ({status}), which is not followed: keys are sent "
+            "only to the URL you configured. Point --url / PAYDISPATCH_URL at a replica or "
+            "the load balancer itself"
+        )
     if not 200 <= status < 300:
         detail = body.get("detail", "") if isinstance(body, dict) else ""
         title = body.get("title", "") if isinstance(body, dict) else ""
@@ -103,12 +111,37 @@ def render_payment(payment: dict[str, Any]) -> None:
             click.echo(f"{key:<19} {value}")
 
 
+def same_origin(a: str, b: str) -> bool:
+    """True when both URLs name the same scheme, host and port."""
+    left, right = urlsplit(a), urlsplit(b)
+    return (left.scheme, left.hostname, left.port) == (right.scheme, right.hostname, right.port)
+
+
 def resign_leader(
-    url: str, key: str | None, admin_key: str | None, wait: float = 5.0
+    url: str,
+    key: str | None,
+    admin_key: str | None,
+    *,
+    confirm: Callable[[dict[str, Any]], bool],
+    wait: float = 5.0,
 ) -> dict[str, Any]:
-    """Ask the current leader to hand over; wait (bounded) to report who leads next."""
+    """Ask the current leader to hand over; wait (bounded) to report who leads next.
+
+    The resign must reach the leader itself, whose address comes from its etcd record (via
+    /v1/leader): anyone who can write to etcd can plant one. Unless it is the configured
+    ``url``, the admin key goes there only if ``confirm(leader)`` says so.
+    """
     leader = call("GET", f"{url}/v1/leader", key)
-    result = call("POST", f"{leader['url']}/v1/admin/leader/resign", admin_key)
+    target = str(leader.get("url", ""))
+    if urlsplit(target).scheme not in ("http", "https"):
+        raise ApiError(f"the leader advertises {target!r}, which is not an http(s) URL")
+    if not same_origin(target, url) and not confirm(leader):
+        raise ApiError(
+            f"not sent: the leader {leader.get('node_id')} advertises {target}, which is not "
+            f"the configured URL {url}; the admin key goes there only once you confirm "
+            "(answer y, pass --yes, or run with --url set to the leader's address)"
+        )
+    result = call("POST", f"{target}/v1/admin/leader/resign", admin_key)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         status, body = http_json(f"{url}/v1/leader", 1.0, api_key=key)

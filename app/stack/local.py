@@ -36,6 +36,10 @@ from app.stack.target import Target
 log = logging.getLogger(__name__)
 
 DATABASE = "paydispatch"
+# Replicas log in as REPLICA_USER, a member of the least-privilege REPLICA_ROLE (whose grants
+# `paydispatch migrate` sets); the migration and the stack's own checks use the owner.
+REPLICA_ROLE = "paydispatch_replica"
+REPLICA_USER = "paydispatch_app"
 
 
 @dataclass
@@ -66,8 +70,13 @@ class LocalStack:
 
     @property
     def database_url(self) -> str:
-        """URL of the stack's database."""
+        """URL of the stack's database as its owner (migrations, checks, the load tools)."""
         return self.postgres.url(DATABASE)
+
+    @property
+    def replica_database_url(self) -> str:
+        """URL of the stack's database as the replicas' least-privilege login."""
+        return self.postgres.url(DATABASE, user=REPLICA_USER)
 
     @property
     def ingress(self) -> list[str]:
@@ -77,9 +86,10 @@ class LocalStack:
         return [node.url for node in self.nodes]
 
     def env(self) -> dict[str, str]:
-        """Environment shared by every replica (and by `paydispatch migrate`)."""
+        """Environment shared by every replica (`paydispatch migrate` swaps in the owner)."""
         return {
-            "PAYDISPATCH_DATABASE_URL": self.database_url,
+            "PAYDISPATCH_DATABASE_URL": self.replica_database_url,
+            "PAYDISPATCH_REPLICA_ROLE": REPLICA_ROLE,
             "PAYDISPATCH_ETCD_ENDPOINTS": self.etcd.endpoints_csv,
             "PAYDISPATCH_PROVIDER_URL": self.provider.url,
             "PAYDISPATCH_CLUSTER_NAME": f"local-{uuid.uuid4().hex[:8]}",
@@ -144,6 +154,12 @@ class LocalStack:
                 )
                 if not exists:
                     await conn.execute(f"CREATE DATABASE {DATABASE}")
+                # As an operator would, once: the group role (migrate sets its grants) and a
+                # login in it for the replicas.
+                for role, options in ((REPLICA_ROLE, "NOLOGIN"), (REPLICA_USER, "LOGIN")):
+                    if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
+                        await conn.execute(f"CREATE ROLE {role} {options}")
+                await conn.execute(f"GRANT {REPLICA_ROLE} TO {REPLICA_USER}")
             finally:
                 await conn.close()
 
@@ -152,7 +168,8 @@ class LocalStack:
     def _migrate(self, env: dict[str, str]) -> None:
         result = subprocess.run(
             [sys.executable, "-m", "app.cli", "migrate"],
-            env={**os.environ, **env},
+            # Migrations run as the owner; replicas never could (no DDL in their role).
+            env={**os.environ, **env, "PAYDISPATCH_DATABASE_URL": self.database_url},
             capture_output=True,
             text=True,
             check=False,

@@ -102,9 +102,10 @@ class PostgresServer:
         """Server log (stdout and stderr of the postmaster)."""
         return self.base_dir / "postgres.log"
 
-    def url(self, database: str = "postgres") -> str:
-        """A plain postgresql:// URL for ``database`` over TCP on loopback."""
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+    def url(self, database: str = "postgres", user: str = "postgres") -> str:
+        """A plain postgresql:// URL for ``database`` over TCP on loopback, as ``user``
+        (trust authentication on loopback: no password)."""
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
 
     @property
     def pid(self) -> int | None:

@@ -17,10 +17,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from app.errors import DatabaseUnavailable, PaydispatchError, StaleLeader, TerminalStateViolation
 from app.settings import Settings
 
-# Our own SQLSTATEs, raised by the triggers in migrations/versions/0001_initial.py.
+# Our own SQLSTATEs, raised by the triggers in migrations/versions/ (0001, 0004).
 SQLSTATE_STALE_TOKEN = "PDF01"
 SQLSTATE_MISSING_TOKEN = "PDF02"
 SQLSTATE_UNKNOWN_FENCE = "PDF03"
+SQLSTATE_FENCE_GUARD = "PDF04"  # a statement tried to lower, rename or remove a fence
 SQLSTATE_TERMINAL = "PDT01"
 SQLSTATE_IMMUTABLE = "PDI01"
 SQLSTATE_APPEND_ONLY = "PDA01"
@@ -137,7 +138,12 @@ def translate(exc: BaseException) -> PaydispatchError | None:
         return StaleLeader(f"{StaleLeader.__doc__} Postgres said: {_message(exc)}")
     if state == SQLSTATE_TERMINAL:
         return TerminalStateViolation(_message(exc))
-    if state in (SQLSTATE_MISSING_TOKEN, SQLSTATE_IMMUTABLE, SQLSTATE_APPEND_ONLY):
+    if state in (
+        SQLSTATE_MISSING_TOKEN,
+        SQLSTATE_IMMUTABLE,
+        SQLSTATE_APPEND_ONLY,
+        SQLSTATE_FENCE_GUARD,
+    ):
         return IntegrityViolation(_message(exc))
     if is_unavailable(exc):
         return DatabaseUnavailable(f"Postgres is unavailable: {_message(exc)}")

@@ -1,5 +1,6 @@
-"""The Postgres side of fencing: raising the fence to a new leader's token, and the leader's
-fenced write transaction.
+"""The Postgres side of fencing: raising the fence to a new leader's token, the leader's
+fenced write transaction, and the start-up check that this replica's fence is the one the
+schema enforces.
 
 The check itself lives in the database (trigger ``paydispatch_check_fence``); this module
 moves the fence, opens every leader transaction with ``paydispatch_assert_fence``, and maps
@@ -14,12 +15,42 @@ from collections.abc import AsyncIterator, Callable
 
 from sqlalchemy import text
 
-from app.errors import LeadershipLost, StaleLeader
+from app.errors import ConfigurationError, LeadershipLost, StaleLeader
 from app.store.engine import Connection, Engine, translate
 
 _RAISE_FENCE = text("SELECT paydispatch_raise_fence(:name, :token, :holder)")
 _READ_FENCE = text("SELECT token, holder FROM leader_fence WHERE name = :name")
 _ASSERT_FENCE = text("SELECT paydispatch_assert_fence(:fence, :token)")
+
+# The triggers that make fencing real: the two that check every leader write against the fence
+# named in their argument, and the two that keep the fence row from going down or away.
+FENCE_TRIGGERS = {"payments": "payments_fence", "payment_attempts": "payment_attempts_fence"}
+GUARD_TRIGGERS = ("leader_fence_guard", "leader_fence_no_truncate")
+_TRIGGERS = text(
+    """
+    SELECT c.relname AS table_name, t.tgname AS name, t.tgenabled::text AS enabled,
+           t.tgnargs AS nargs, t.tgargs AS args
+    FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+    WHERE t.tgrelid IN (to_regclass('payments'), to_regclass('payment_attempts'),
+                        to_regclass('leader_fence'))
+      AND NOT t.tgisinternal
+    """
+)
+_FENCE_EXISTS = text("SELECT 1 FROM leader_fence WHERE name = :name")
+_PRIVILEGES = text(
+    """
+    SELECT current_user AS login,
+           (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS superuser,
+           has_table_privilege('leader_fence', 'UPDATE')
+             OR has_table_privilege('leader_fence', 'DELETE')
+             OR has_table_privilege('leader_fence', 'TRUNCATE') AS can_write_fence,
+           CASE WHEN EXISTS (SELECT 1 FROM pg_roles WHERE rolname = :role)
+                THEN pg_has_role(:role, 'MEMBER') ELSE false END AS in_replica_role
+    """
+)
+# tgenabled: O fires in normal sessions, A always; D (disabled) and R (replica sessions
+# only) mean the trigger does not guard this replica's writes.
+_FIRING = ("O", "A")
 
 
 async def raise_fence(engine: Engine, *, name: str, token: int, holder: str, timeout: float) -> int:
@@ -97,3 +128,97 @@ class FencedWriter:
             if typed is None:
                 raise
             raise typed from exc
+
+
+async def enforced_fence_name(engine: Engine) -> str:
+    """The fence name the schema's fence triggers check, read from ``pg_trigger``.
+
+    Raises ConfigurationError when the triggers are missing, disabled, disagree, or guard a
+    fence row that does not exist: fencing would not hold, so nothing may lead on it.
+    DatabaseUnavailable when Postgres cannot be reached.
+    """
+    try:
+        async with engine.connect() as conn:
+            return await read_enforced_fence_name(conn)
+    except ConfigurationError:
+        raise
+    except Exception as exc:
+        typed = translate(exc)
+        if typed is None:
+            raise
+        raise typed from exc
+
+
+async def read_enforced_fence_name(conn: Connection) -> str:
+    """``enforced_fence_name`` on an open connection (``paydispatch migrate`` uses its own)."""
+    triggers = {row.name: row for row in (await conn.execute(_TRIGGERS)).all()}
+    names: set[str] = set()
+    for table, trigger in FENCE_TRIGGERS.items():
+        row = triggers.get(trigger)
+        if row is None:
+            raise ConfigurationError(
+                f"the database has no fence trigger {trigger} on {table}: run `paydispatch "
+                "migrate` (as the schema owner) before starting replicas"
+            )
+        if row.enabled not in _FIRING:
+            raise ConfigurationError(
+                f"the fence trigger {trigger} on {table} is disabled: fencing does not hold. "
+                f"Re-enable it (ALTER TABLE {table} ENABLE TRIGGER {trigger}) as the owner"
+            )
+        args = bytes(row.args).split(b"\0")[: row.nargs]
+        names.add(args[0].decode() if args else "")
+    if len(names) != 1:
+        raise ConfigurationError(
+            f"the fence triggers check different fences ({', '.join(sorted(names))}): the "
+            "schema was altered by hand; fencing does not hold until they agree"
+        )
+    for trigger in GUARD_TRIGGERS:
+        row = triggers.get(trigger)
+        if row is None or row.enabled not in _FIRING:
+            raise ConfigurationError(
+                f"the fence guard trigger {trigger} on leader_fence is missing or disabled: "
+                "run `paydispatch migrate`, or re-enable it as the owner"
+            )
+    (name,) = names
+    if (await conn.execute(_FENCE_EXISTS, {"name": name})).first() is None:
+        raise ConfigurationError(
+            f"the fence triggers check fence {name!r}, but leader_fence has no such row"
+        )
+    return name
+
+
+def check_fence_name(configured: str, enforced: str) -> None:
+    """ConfigurationError unless the configured fence is the one the triggers enforce.
+
+    A replica on another fence would raise a fence no trigger checks: its writes, and a
+    superseded leader's, would go through unfenced.
+    """
+    if configured != enforced:
+        raise ConfigurationError(
+            f"PAYDISPATCH_FENCE_NAME is {configured!r}, but this database's fence triggers "
+            f"enforce {enforced!r}: a leader on {configured!r} would not be fenced at all. "
+            f"Set PAYDISPATCH_FENCE_NAME={enforced} (the name fixed by the first "
+            "`paydispatch migrate`)"
+        )
+
+
+async def privilege_warnings(engine: Engine, replica_role: str) -> list[str]:
+    """What is too powerful about the role this process connects as (empty when it is a
+    plain member of ``replica_role``). Advice for the logs: tests and the migration
+    legitimately connect as the owner."""
+    try:
+        async with engine.connect() as conn:
+            row = (await conn.execute(_PRIVILEGES, {"role": replica_role})).one()
+    except Exception as exc:
+        typed = translate(exc)
+        if typed is None:
+            raise
+        raise typed from exc
+    warnings = []
+    if row.superuser:
+        warnings.append(f"connected to Postgres as superuser {row.login!r}")
+    elif row.can_write_fence:
+        warnings.append(f"Postgres user {row.login!r} can write leader_fence directly")
+    if not row.in_replica_role:
+        warnings.append(f"Postgres user {row.login!r} is not a member of {replica_role!r}")
+    return warnings

@@ -20,6 +20,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 import migrations
 from app.settings import Settings
 from app.store.engine import engine_url, translate
+from app.store.fence import check_fence_name, read_enforced_fence_name
+from app.store.roles import sync_replica_role
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +47,12 @@ def head_revision(settings: Settings) -> str:
 
 
 async def migrate(settings: Settings) -> tuple[str | None, str]:
-    """Upgrade the database to head. Returns (revision before, revision after).
+    """Upgrade the database to head and set the replica role's privileges (creating the
+    role if missing). Returns (revision before, revision after).
 
-    Raises DatabaseUnavailable when Postgres cannot be reached.
+    Run it as the schema owner. Raises DatabaseUnavailable when Postgres cannot be reached,
+    ConfigurationError when the role cannot be set up or PAYDISPATCH_FENCE_NAME is not the
+    fence the schema enforces (the schema is upgraded all the same).
     """
     try:
         return await _migrate(settings)
@@ -70,7 +75,12 @@ async def _migrate(settings: Settings) -> tuple[str | None, str]:
                 before = await conn.run_sync(_current_revision)
                 await conn.run_sync(_upgrade, config)
                 await conn.commit()
+                await sync_replica_role(conn, settings.replica_role)
+                await conn.commit()
                 after = await conn.run_sync(_current_revision)
+                # After the commit: the schema is fine; this configuration is not, and every
+                # replica started with it would refuse to start (say so now, once).
+                check_fence_name(settings.fence_name, await read_enforced_fence_name(conn))
             finally:
                 await conn.execute(
                     text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY}

@@ -16,7 +16,7 @@ from app.dispatch.provider import ProviderClient
 from app.dispatch.reconcile import Settlement, reconcile_one
 from app.domain.payment import Payment, ReconcileCandidate
 from app.domain.states import PaymentStatus
-from app.errors import ProviderError
+from app.errors import ProviderError, UnprovenCharge
 from app.store import payments
 from app.web.auth import bearer_token
 from app.web.params import parse_id
@@ -25,6 +25,7 @@ from app.web.schemas import HandedOver, Reconciled, Requeued, json_response
 from app.web.state import ELECTOR, ENGINE, OBSERVER, SETTINGS
 
 
+# What an operator's reconcile may write: the ledger proves one of these, or nothing is written.
 def actor(request: web.Request) -> str:
     """A stable, non-secret name for the key that made the request."""
     token = bearer_token(request) or "anonymous"
@@ -158,6 +159,14 @@ async def reconcile_payment(request: web.Request) -> web.Response:
                 timeout=settings.provider_timeout,
                 settle=settle,
             )
+    except UnprovenCharge as exc:
+        await audit(request, "reconcile", "not_settleable", payment.id, error=str(exc))
+        return problem(
+            422,
+            "Ledger does not settle the payment",
+            f"{exc}; payment {payment.id} stays needs_reconciliation: check the charge at the "
+            "provider before deciding",
+        )
     except ProviderError as exc:
         await audit(request, "reconcile", "provider_unavailable", payment.id, error=str(exc))
         return problem(503, "Provider unavailable", str(exc), headers={"Retry-After": "5"})

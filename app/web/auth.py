@@ -1,5 +1,7 @@
 """Bearer-token authentication for ``/v1/*``; health, metrics and the dashboard page stay
-open (they reveal no payment data). Admin routes need a key from the admin list."""
+open (they reveal no payment data). Admin routes need a key from the admin list, and so do
+the ``/_test/*`` hooks when they are switched on (they can freeze the process or dump its
+insides), whatever else is configured."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ log = logging.getLogger(__name__)
 
 PROTECTED_PREFIX = "/v1/"
 ADMIN_PREFIX = "/v1/admin/"
+TEST_HOOK_PREFIX = "/_test/"
 
 
 def _matches(presented: str, keys: tuple[str, ...]) -> bool:
@@ -43,10 +46,22 @@ def auth_middleware(api_keys: tuple[str, ...], admin_keys: tuple[str, ...]) -> M
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        challenge = {"WWW-Authenticate": 'Bearer realm="paydispatch"'}
+        if request.path.startswith(TEST_HOOK_PREFIX):
+            # Even with PAYDISPATCH_ALLOW_NO_AUTH: no admin key configured, no hooks.
+            token = bearer_token(request)
+            if token is not None and _matches(token, admin_keys):
+                return await handler(request)
+            known = token is not None and _matches(token, api_keys)
+            return problem(
+                403 if known else 401,
+                "Admin key required" if known else "Authentication required",
+                "test hooks need a key from PAYDISPATCH_ADMIN_API_KEYS",
+                headers=None if known else challenge,
+            )
         if not request.path.startswith(PROTECTED_PREFIX) or not (api_keys or admin_keys):
             return await handler(request)
         token = bearer_token(request)
-        challenge = {"WWW-Authenticate": 'Bearer realm="paydispatch"'}
         if token is None:
             return problem(
                 401,

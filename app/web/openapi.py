@@ -394,6 +394,10 @@ def _admin_operations() -> JsonObject:
                         "Not needs_reconciliation, changed meanwhile, or the provider has no "
                         "charge for its key."
                     ),
+                    "422": _problem(
+                        "The provider's charge for the key has a status other than succeeded "
+                        "or declined: nothing is written."
+                    ),
                     "503": _problem(
                         "The provider's ledger or Postgres is unavailable; retry later.",
                         RETRY_AFTER,

@@ -18,6 +18,13 @@ log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# The driver's message names hosts, ports, socket paths and users: it is logged, and the
+# client is told only what to do.
+DATABASE_UNAVAILABLE_DETAIL = (
+    "Postgres is unavailable; nothing was stored. Retry the same request (same "
+    "Idempotency-Key) after Retry-After seconds"
+)
+
 
 def problem(
     status: int,
@@ -76,12 +83,13 @@ def problem_middleware(retry_after: int) -> Middleware:
                 headers=_passthrough_headers(exc),
             )
         except DatabaseUnavailable as exc:
-            return unavailable(retry_after, str(exc))
+            log.warning("answering 503: %s", exc)
+            return unavailable(retry_after, DATABASE_UNAVAILABLE_DETAIL)
         except Exception as exc:
             typed = translate(exc)
             if isinstance(typed, DatabaseUnavailable):
                 log.warning("answering 503: %s", typed)
-                return unavailable(retry_after, str(typed))
+                return unavailable(retry_after, DATABASE_UNAVAILABLE_DETAIL)
             log.exception("unhandled error on %s %s", request.method, request.path)
             return problem(500, "Internal server error", "the error was logged on the server")
 

@@ -278,7 +278,13 @@ class NotReady(_Closed):
     """Postgres did not answer in time."""
 
     status: Literal["not_ready"]
-    database: Annotated[str, Field(description="Why Postgres is not usable.")]
+    database: Annotated[
+        Literal["timeout", "unavailable"],
+        Field(
+            description="Why Postgres is not usable: it did not answer in time, or the "
+            "connection or query failed (the details are in the replica's log, never here)."
+        ),
+    ]
 
 
 class ShuttingDown(_Closed):

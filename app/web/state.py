@@ -25,6 +25,8 @@ class Lifecycle:
 
     def __init__(self) -> None:
         self.shutting_down = False
+        # Why /readyz last failed (logged once per change, not on every probe).
+        self.not_ready_because: str | None = None
 
 
 SETTINGS = web.AppKey("settings", Settings)

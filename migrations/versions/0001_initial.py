@@ -17,7 +17,11 @@ PDA01 attempts are append-only. app.store.engine maps them to typed errors.
 
 from __future__ import annotations
 
+import re
+
 from alembic import context, op
+
+from app.settings import FENCE_NAME_PATTERN, NOTIFY_CHANNEL_PATTERN
 
 revision = "0001"
 down_revision = None
@@ -33,10 +37,24 @@ def _sql_list(values: tuple[str, ...]) -> str:
     return ", ".join(f"'{value}'" for value in values)
 
 
+def _plain(value: str, pattern: str, what: str) -> str:
+    # Both names are written into the DDL below (trigger arguments cannot be bound): the
+    # settings refuse anything else already; this guards the plain `alembic` path too.
+    if not re.fullmatch(pattern, value):
+        raise ValueError(f"refusing {what} {value!r}: it must match {pattern}")
+    return value
+
+
 def upgrade() -> None:
     attributes = context.config.attributes
-    fence_name = str(attributes.get("fence_name", "payments"))
-    channel = str(attributes.get("notify_channel", "paydispatch_payments"))
+    fence_name = _plain(
+        str(attributes.get("fence_name", "payments")), FENCE_NAME_PATTERN, "fence name"
+    )
+    channel = _plain(
+        str(attributes.get("notify_channel", "paydispatch_payments")),
+        NOTIFY_CHANNEL_PATTERN,
+        "notify channel",
+    )
 
     op.execute(
         """

@@ -25,8 +25,8 @@ from app.stack.sandbox_process import SandboxProcess, start_sandbox_process, sto
 from load.checker import Verdict, check_exactly_once, wait_until_settled
 from load.loadgen import LoadResult, post_payments
 from load.scenarios import FAST_RETRIES
-from tests.cluster import TEST_API_KEY, Replicas, cluster_env, running_replicas
-from tests.conftest import postgres_dir
+from tests.cluster import TEST_ADMIN_KEY, TEST_API_KEY, Replicas, cluster_env, running_replicas
+from tests.conftest import REPLICA_LOGIN, admin_execute, postgres_dir
 
 pytestmark = pytest.mark.chaos
 
@@ -177,7 +177,8 @@ async def test_leader_sigstop_past_ttl_then_sigcont_has_its_writes_fenced_out(
     assert node is not None
     assert node["is_leader"] is False
     if node["stale_writes_rejected"] < 1:  # show where the old leader's tasks are
-        print(json.dumps(http_json(f"{victim.url}/_test/tasks", api_key=TEST_API_KEY)[1], indent=1))
+        tasks = http_json(f"{victim.url}/_test/tasks", api_key=TEST_ADMIN_KEY)[1]
+        print(json.dumps(tasks, indent=1))
     assert node["stale_writes_rejected"] >= 1, node
     conn = await asyncpg.connect(database_url)
     try:
@@ -256,7 +257,12 @@ async def test_postgres_restart_mid_run_resumes_dispatch_and_ingest_says_503(
     await asyncio.to_thread(server.start)
     try:
         url = server.url("postgres")
-        await migrate(load_settings(database_url=url))
+        settings = load_settings(database_url=url)
+        await migrate(settings)
+        # This server is the test's own: it needs its own login in the replica role.
+        await admin_execute(
+            server, f"CREATE ROLE {REPLICA_LOGIN} LOGIN IN ROLE {settings.replica_role}"
+        )
         with start_cluster(
             url, etcd, provider.base_url, tmp_path, PAYDISPATCH_DB_TIMEOUT="1"
         ) as replicas:

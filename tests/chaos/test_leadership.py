@@ -19,7 +19,14 @@ import pytest
 
 from app.ops.client import http_json
 from app.stack.etcd import EtcdCluster
-from tests.cluster import TEST_API_KEY, Replicas, cluster_env, running_replicas, wait_for
+from tests.cluster import (
+    TEST_ADMIN_KEY,
+    TEST_API_KEY,
+    Replicas,
+    cluster_env,
+    running_replicas,
+    wait_for,
+)
 
 pytestmark = pytest.mark.chaos
 
@@ -148,7 +155,7 @@ def test_a_blocked_event_loop_makes_the_leader_step_down_without_acting(
     blocker = threading.Thread(
         target=http_json,
         args=(f"{victim.url}/_test/block-loop?seconds={TTL + 2}", TTL + 5),
-        kwargs={"method": "POST", "api_key": TEST_API_KEY},
+        kwargs={"method": "POST", "api_key": TEST_ADMIN_KEY},  # hooks need an admin key
     )
     blocker.start()
     try:

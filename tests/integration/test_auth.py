@@ -3,6 +3,7 @@ without keys unless explicitly told to."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -112,3 +113,115 @@ def test_serve_without_keys_exits_with_a_clear_message() -> None:
     assert result.returncode != 0
     assert "PAYDISPATCH_API_KEYS" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- test hooks answer only an admin key ----------------------------------------------------
+
+
+@pytest.fixture
+async def hooked(database_url: str) -> AsyncIterator[str]:
+    """The API with the /_test/* hooks switched on, as the test clusters run it."""
+    from app.web.testhooks import add_test_hooks
+
+    settings = load_settings(
+        database_url=database_url,
+        port=free_port(),
+        api_keys="alpha",
+        admin_api_keys="root",
+        test_hooks=True,
+    )
+    app = create_app(settings)
+    add_test_hooks(app)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", settings.port).start()
+    try:
+        yield f"http://127.0.0.1:{settings.port}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("token", "status"),
+    [(None, 401), ("Bearer nope", 401), ("Bearer alpha", 403), ("Bearer root", 200)],
+)
+async def test_test_hooks_answer_only_an_admin_key_even_when_switched_on(
+    hooked: str, token: str | None, status: int
+) -> None:
+    got, headers, body = await call(hooked, "/_test/tasks", token)
+    assert got == status
+    if status != 200:
+        assert headers["Content-Type"].startswith("application/problem+json")
+        assert "tasks" not in json.dumps(body)  # nothing from inside the process
+
+
+async def test_test_hooks_refuse_everyone_when_no_admin_key_is_configured(
+    database_url: str,
+) -> None:
+    from app.web.testhooks import add_test_hooks
+
+    settings = load_settings(
+        database_url=database_url, port=free_port(), allow_no_auth=True, test_hooks=True
+    )
+    app = create_app(settings)
+    add_test_hooks(app)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", settings.port).start()
+    try:
+        url = f"http://127.0.0.1:{settings.port}"
+        assert (await call(url, "/_test/tasks", None))[0] == 401
+        assert (await call(url, "/_test/block-loop?seconds=5", "Bearer x", "POST"))[0] == 401
+    finally:
+        await runner.cleanup()
+
+
+# --- unauthenticated answers reveal nothing of the infrastructure ---------------------------
+
+# Where the (unreachable) database is said to live: none of it may appear in an answer.
+SECRET_HOST_URL = "postgresql://postgres:hunter2@127.0.0.1:1/secret_db"
+SECRET_SOCKET_URL = "postgresql://postgres@/secret_db?host=/srv/secret-socket-dir"
+LEAKS = ("127.0.0.1", "hunter2", "secret", "Errno", "Connect", "/srv", "5432", ":1", "asyncpg")
+
+
+@pytest.mark.parametrize("database", [SECRET_HOST_URL, SECRET_SOCKET_URL], ids=["tcp", "socket"])
+async def test_unauthenticated_answers_never_reveal_hosts_ports_paths_or_driver_messages(
+    database: str,
+) -> None:
+    settings = load_settings(
+        database_url=database,
+        port=free_port(),
+        allow_no_auth=True,  # so /v1/* answers without a key too
+        db_timeout=0.5,
+        readyz_timeout=0.5,
+    )
+    runner = web.AppRunner(create_app(settings))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", settings.port).start()
+    url = f"http://127.0.0.1:{settings.port}"
+    answers: dict[str, tuple[int, str]] = {}
+    try:
+        async with aiohttp.ClientSession() as http:
+            for path, method in (
+                ("/readyz", "GET"),
+                ("/livez", "GET"),
+                ("/v1/payments", "POST"),
+                ("/v1/payments/1", "GET"),
+                ("/metrics", "GET"),
+                ("/nowhere", "GET"),
+            ):
+                async with http.request(
+                    method, url + path, json=BODY, headers={"Idempotency-Key": "leak-1"}
+                ) as resp:
+                    answers[path] = (resp.status, await resp.text())
+    finally:
+        await runner.cleanup()
+    status, text = answers["/readyz"]
+    assert status == 503
+    body = json.loads(text)
+    assert set(body) == {"status", "database"}  # the documented shape (schemas.NotReady)
+    assert body["status"] == "not_ready"
+    assert answers["/v1/payments"][0] == 503
+    for path, (_, text) in answers.items():
+        leaked = [word for word in LEAKS if word in text]
+        assert not leaked, f"{path} revealed {leaked}: {text}"

@@ -192,6 +192,24 @@ def test_migrate_runs_once_after_postgres_is_healthy(services: Services) -> None
     assert re.fullmatch(r"postgres:18\.\d+(-\w+)?", services["postgres"]["image"])
 
 
+def test_replicas_log_in_as_the_least_privilege_role_and_only_migrate_as_the_owner(
+    services: Services,
+) -> None:
+    def user(url: str) -> str:
+        return url.split("://", 1)[1].split(":", 1)[0]
+
+    assert user(services["migrate"]["environment"]["PAYDISPATCH_DATABASE_URL"]) == "postgres"
+    for name in REPLICAS:
+        assert user(services[name]["environment"]["PAYDISPATCH_DATABASE_URL"]) == (
+            "paydispatch_app"
+        )
+    mounts = {(c["source"], c["target"]) for c in services["postgres"]["configs"]}
+    assert ("postgres-roles.sql", "/docker-entrypoint-initdb.d/10-paydispatch-roles.sql") in mounts
+    script = compose_model()["configs"]["postgres-roles.sql"]["content"]
+    assert "CREATE ROLE paydispatch_replica NOLOGIN" in script
+    assert re.search(r"CREATE ROLE paydispatch_app LOGIN .*\s+IN ROLE paydispatch_replica", script)
+
+
 def test_haproxy_fronts_the_replicas_with_the_repository_config(services: Services) -> None:
     haproxy = services["haproxy"]
 

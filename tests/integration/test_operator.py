@@ -143,7 +143,9 @@ def test_operator_cli_end_to_end(replicas: Replicas, database_url: str) -> None:
     assert env_key_only.returncode == 1
     assert "403" in env_key_only.stderr
 
-    resigned = cli_json(url, "leader", "resign")
+    # The leader may be another replica than --url: its address comes from etcd, so the
+    # admin key goes there only with --yes (or a confirmation at the prompt).
+    resigned = cli_json(url, "leader", "resign", "--yes")
     assert resigned["node_id"] == leader["node_id"]
     assert resigned["handed_over_token"] == leader["token"]
     assert resigned["new_leader"]["node_id"] != leader["node_id"]

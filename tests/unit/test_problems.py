@@ -13,7 +13,13 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
 from app.errors import DatabaseUnavailable
-from app.web.problems import PROBLEM_JSON, problem, problem_middleware, unavailable
+from app.web.problems import (
+    DATABASE_UNAVAILABLE_DETAIL,
+    PROBLEM_JSON,
+    problem,
+    problem_middleware,
+    unavailable,
+)
 from app.web.validation import InvalidRequest
 
 RETRY_AFTER = 7
@@ -159,7 +165,17 @@ async def test_database_unavailable_becomes_a_503_with_retry_after() -> None:
 
     assert response.status == 503
     assert response.headers["Retry-After"] == str(RETRY_AFTER)
-    assert body_of(response)["detail"] == DatabaseUnavailable.__doc__
+    assert body_of(response)["detail"] == DATABASE_UNAVAILABLE_DETAIL
+
+
+async def test_a_503_tells_what_to_do_but_not_where_the_database_is() -> None:
+    raised = DatabaseUnavailable("Postgres is unavailable: connect to db-7.internal:5432 failed")
+
+    detail = body_of(await answer_when_handler_raises(raised))["detail"]
+
+    assert "db-7.internal" not in detail
+    assert "5432" not in detail
+    assert "Idempotency-Key" in detail
 
 
 async def test_a_driver_connection_failure_becomes_a_503_too(

@@ -115,6 +115,36 @@ def test_a_bad_value_is_a_configuration_error_naming_its_variable(
     assert f"PAYDISPATCH_{variable}:" in message
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        # Each of these is written into DDL by `paydispatch migrate`: a quote, a space, a
+        # semicolon or a comment marker must never get that far.
+        ("FENCE_NAME", "payments'); DROP TABLE payments; --"),
+        ("FENCE_NAME", "pay ments"),
+        ("FENCE_NAME", "Payments"),
+        ("FENCE_NAME", ""),
+        ("FENCE_NAME", "x" * 64),
+        ("NOTIFY_CHANNEL", "wake'; NOTIFY x; --"),
+        ("NOTIFY_CHANNEL", "wake-up"),
+        ("REPLICA_ROLE", "replica; DROP ROLE postgres"),
+        ("REPLICA_ROLE", '"Replica"'),
+        ("REPLICA_ROLE", "pg_monitor"),
+    ],
+)
+def test_names_that_reach_ddl_are_refused_unless_strictly_plain(variable: str, value: str) -> None:
+    message = config_error(**{variable: value})
+
+    assert f"PAYDISPATCH_{variable}:" in message
+
+
+@pytest.mark.parametrize("name", ["payments", "payments-eu.2", "shard_7"])
+def test_plain_fence_names_are_accepted(name: str) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PAYDISPATCH_FENCE_NAME", name)
+        assert load_settings().fence_name == name
+
+
 def test_every_bad_variable_is_named_in_one_error() -> None:
     message = config_error(PORT="-1", LEASE_TTL="0", DB_POOL_SIZE="0")
 
