@@ -94,6 +94,11 @@ def labelled_counter(
 def http_metrics_middleware(metrics: Metrics) -> Middleware:
     """Count and time every request by *route template* (never the raw path: ids in paths
     would make unbounded label sets)."""
+    # The labelled children, made once per label set: ``labels()`` takes a lock and builds
+    # a key on every call, which showed up on the ingest profile. Bounded like the label
+    # sets themselves (route templates x methods x statuses).
+    counters: dict[tuple[str, str, int], Counter] = {}
+    timers: dict[tuple[str, str], Histogram] = {}
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -109,9 +114,15 @@ def http_metrics_middleware(metrics: Metrics) -> Middleware:
         finally:
             route = request.match_info.route.resource
             template = route.canonical if route is not None else "unmatched"
-            metrics.http_requests.labels(template, request.method, str(status)).inc()
-            metrics.http_latency.labels(template, request.method).observe(
-                time.perf_counter() - started
-            )
+            method = request.method
+            counter = counters.get((template, method, status))
+            if counter is None:
+                counter = metrics.http_requests.labels(template, method, str(status))
+                counters[template, method, status] = counter
+            timer = timers.get((template, method))
+            if timer is None:
+                timer = timers[template, method] = metrics.http_latency.labels(template, method)
+            counter.inc()
+            timer.observe(time.perf_counter() - started)
 
     return middleware

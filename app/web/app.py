@@ -13,20 +13,41 @@ from aiohttp import web
 from app.errors import ConfigurationError
 from app.obs.metrics import Metrics, http_metrics_middleware
 from app.settings import Settings
-from app.store.engine import create_engine
+from app.store.engine import create_engine, session_settings
+from app.store.ingest import IngestStore
 from app.web.auth import auth_middleware
 from app.web.health import add_health_routes
 from app.web.openapi import openapi_document
 from app.web.payments import add_payment_routes
 from app.web.problems import problem_middleware
-from app.web.state import ENGINE, LIFECYCLE, METRICS, METRICS_REFRESH, SETTINGS, Lifecycle
+from app.web.state import (
+    ENGINE,
+    INGEST,
+    LIFECYCLE,
+    METRICS,
+    METRICS_REFRESH,
+    SETTINGS,
+    Lifecycle,
+)
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
-    engine = create_engine(app[SETTINGS], autocommit=True)
+    settings = app[SETTINGS]
+    engine = create_engine(settings, autocommit=True)
+    ingest = IngestStore(
+        settings.database_url,
+        size=settings.db_pool_size,
+        timeout=settings.db_timeout,
+        server_settings=session_settings(settings, leader=False),
+    )
+    await ingest.open()
     app[ENGINE] = engine
-    yield
-    await engine.dispose()
+    app[INGEST] = ingest
+    try:
+        yield
+    finally:
+        await ingest.close()
+        await engine.dispose()
 
 
 async def _mark_shutting_down(app: web.Application) -> None:

@@ -20,12 +20,13 @@ ADMIN_PREFIX = "/v1/admin/"
 TEST_HOOK_PREFIX = "/_test/"
 
 
-def _matches(presented: str, keys: tuple[str, ...]) -> bool:
+def _matches(presented: str, keys: tuple[bytes, ...]) -> bool:
     # Compare against every key, always: the time taken must not tell which key (or how
-    # much of one) matched.
+    # much of one) matched. The keys come encoded once, when the middleware is made.
+    token = presented.encode()
     found = False
     for key in keys:
-        found |= hmac.compare_digest(presented.encode(), key.encode())
+        found |= hmac.compare_digest(token, key)
     return found
 
 
@@ -43,23 +44,27 @@ def auth_middleware(api_keys: tuple[str, ...], admin_keys: tuple[str, ...]) -> M
 
     With no keys at all (explicitly allowed by PAYDISPATCH_ALLOW_NO_AUTH) nothing is checked.
     """
+    open_api = not (api_keys or admin_keys)
+    api = tuple(key.encode() for key in api_keys)
+    admin = tuple(key.encode() for key in admin_keys)
+    challenge = {"WWW-Authenticate": 'Bearer realm="paydispatch"'}
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        challenge = {"WWW-Authenticate": 'Bearer realm="paydispatch"'}
-        if request.path.startswith(TEST_HOOK_PREFIX):
+        path = request.path
+        if path.startswith(TEST_HOOK_PREFIX):
             # Even with PAYDISPATCH_ALLOW_NO_AUTH: no admin key configured, no hooks.
             token = bearer_token(request)
-            if token is not None and _matches(token, admin_keys):
+            if token is not None and _matches(token, admin):
                 return await handler(request)
-            known = token is not None and _matches(token, api_keys)
+            known = token is not None and _matches(token, api)
             return problem(
                 403 if known else 401,
                 "Admin key required" if known else "Authentication required",
                 "test hooks need a key from PAYDISPATCH_ADMIN_API_KEYS",
                 headers=None if known else challenge,
             )
-        if not request.path.startswith(PROTECTED_PREFIX) or not (api_keys or admin_keys):
+        if open_api or not path.startswith(PROTECTED_PREFIX):
             return await handler(request)
         token = bearer_token(request)
         if token is None:
@@ -69,17 +74,17 @@ def auth_middleware(api_keys: tuple[str, ...], admin_keys: tuple[str, ...]) -> M
                 "send Authorization: Bearer <key> (a key from PAYDISPATCH_API_KEYS)",
                 headers=challenge,
             )
-        is_admin = _matches(token, admin_keys)
-        if request.path.startswith(ADMIN_PREFIX):
+        is_admin = _matches(token, admin)
+        if path.startswith(ADMIN_PREFIX):
             if not is_admin:
-                known = _matches(token, api_keys)
+                known = _matches(token, api)
                 return problem(
                     403 if known else 401,
                     "Admin key required" if known else "Invalid API key",
                     "admin actions need a key from PAYDISPATCH_ADMIN_API_KEYS",
                     headers=None if known else challenge,
                 )
-        elif not (is_admin or _matches(token, api_keys)):
+        elif not (is_admin or _matches(token, api)):
             return problem(
                 401,
                 "Invalid API key",

@@ -8,8 +8,8 @@ from app.domain.states import PaymentStatus
 from app.store import payments as queue
 from app.web.params import BIGINT_MAX, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, int_param, parse_id
 from app.web.problems import problem
-from app.web.schemas import PaymentList, json_response, payment_body
-from app.web.state import ENGINE, SETTINGS
+from app.web.schemas import PaymentList, json_response, payment_body, payment_json
+from app.web.state import ENGINE, INGEST, SETTINGS
 from app.web.validation import InvalidRequest, check_idempotency_key, parse_payment
 
 
@@ -34,9 +34,9 @@ async def create_payment(request: web.Request) -> web.Response:
     key = check_idempotency_key(request.headers.get("Idempotency-Key"))
     body = await request.read()  # client_max_size bounds chunked bodies too (→ 413)
     payment_request = parse_payment(body)
-    async with request.app[ENGINE].begin() as conn:
-        payment, created = await queue.enqueue(conn, key, payment_request)
-    if not created and payment.request_fingerprint != payment_request.fingerprint():
+    fingerprint = payment_request.fingerprint()  # once: it is a canonical dump and a hash
+    payment, created = await request.app[INGEST].enqueue(key, payment_request, fingerprint)
+    if not created and payment.request_fingerprint != fingerprint:
         return problem(
             422,
             "Idempotency-Key reused with a different request",
@@ -46,8 +46,12 @@ async def create_payment(request: web.Request) -> web.Response:
             payment_id=payment.id,
         )
     location = f"/v1/payments/{payment.id}"
-    return json_response(
-        payment_body(payment), status=202 if created else 200, headers={"Location": location}
+    return web.Response(
+        body=payment_json(payment),
+        status=202 if created else 200,
+        content_type="application/json",
+        charset="utf-8",
+        headers={"Location": location},
     )
 
 

@@ -18,6 +18,7 @@ import json
 from datetime import datetime
 from typing import Annotated, Any, Final, Literal
 
+import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PlainSerializer, WithJsonSchema
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue, SkipJsonSchema
@@ -116,6 +117,32 @@ def payment_body(payment: domain.Payment) -> Payment:
         updated_at=payment.updated_at,
         completed_at=payment.completed_at,
         links=PaymentLinks(self=f"/v1/payments/{payment.id}"),
+    )
+
+
+def payment_json(payment: domain.Payment) -> bytes:
+    """``payment_body(payment)`` encoded, without building and dumping the model: the
+    ingest hot path answers with this. Same fields in the same order, datetimes in the same
+    ``isoformat()`` form (orjson writes aware datetimes exactly so);
+    tests/unit/test_payment_json.py holds the two to the same document."""
+    return orjson.dumps(
+        {
+            "id": payment.id,
+            "status": payment.status.value,
+            "amount": payment.amount,
+            "currency": payment.currency,
+            "reference": payment.reference,
+            "description": payment.description,
+            "metadata": payment.metadata,
+            "attempts": payment.attempts,
+            "provider_charge_id": payment.provider_charge_id,
+            "fence_token": payment.fence_token,
+            "last_error": payment.last_error,
+            "created_at": payment.created_at,
+            "updated_at": payment.updated_at,
+            "completed_at": payment.completed_at,
+            "links": {"self": f"/v1/payments/{payment.id}"},
+        }
     )
 
 

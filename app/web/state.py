@@ -18,6 +18,7 @@ from app.obs.metrics import Metrics
 from app.settings import Settings
 from app.store.counts import StatusCounts
 from app.store.engine import Engine
+from app.store.ingest import IngestStore
 
 
 class Lifecycle:
@@ -31,6 +32,8 @@ class Lifecycle:
 
 SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey("engine", Engine)
+# The ingest insert's own raw pool (app.store.ingest): the hot path skips the ORM.
+INGEST = web.AppKey("ingest", IngestStore)
 METRICS = web.AppKey("metrics", Metrics)
 # Async steps run before each scrape (e.g. refreshing cached queue counts), so the sync
 # collectors only read memory.
