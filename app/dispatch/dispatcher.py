@@ -13,12 +13,14 @@ leader exists, and is rejected (and counted) if one does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import structlog
 
@@ -41,7 +43,8 @@ from app.leadership.term import Term
 from app.obs.metrics import Metrics
 from app.settings import Settings
 from app.store import payments
-from app.store.engine import Engine, translate
+from app.store.claims import LeaderLane
+from app.store.engine import Engine, session_settings, translate
 from app.store.fence import FencedWriter
 from app.store.listen import listen_forever
 
@@ -49,6 +52,18 @@ log = logging.getLogger(__name__)
 
 # Seconds between retries of a write or a claim while Postgres does not answer.
 OUTAGE_RETRY = 0.5
+# Recording is batched like River's completer: a batch is written once RECORD_BATCH outcomes
+# wait or RECORD_FLUSH seconds after the first of them, whichever comes first. One statement
+# per batch instead of one per handful of calls; a slot is freed at most RECORD_FLUSH late.
+RECORD_BATCH = 100
+RECORD_FLUSH = 0.05
+# A claim that came back short means the queue is (nearly) empty: the next one waits for a
+# wake-up, and wake-ups (one NOTIFY per ingested payment) are coalesced to at most one claim
+# per CLAIM_GAP seconds. The first claim after a quiet spell goes at once (idle latency).
+CLAIM_GAP = 0.01
+# Expired provider keys are never claimed (the claim filters them); moving them to
+# needs_reconciliation is bookkeeping, done this often rather than on every claim.
+PARK_INTERVAL = 5.0
 
 
 @dataclass
@@ -103,9 +118,28 @@ class Dispatcher:
         self.fenced = FencedWriter(
             engine, fence_name=settings.fence_name, token=self.token, on_stale=self._fenced_out
         )
+        lane = functools.partial(
+            LeaderLane,
+            settings.database_url,
+            fence_name=settings.fence_name,
+            token=self.token,
+            server_settings=session_settings(settings, leader=True),
+            connect_timeout=settings.db_timeout,
+            on_stale=self._fenced_out,
+        )
+        # One connection per task that writes: the claim loop's and the recorder's.
+        self._claim_lane: LeaderLane = lane()
+        self._record_lane: LeaderLane = lane()
+        self._parked_at = -PARK_INTERVAL  # monotonic; the first claim parks first
+        self._claimed_at = -CLAIM_GAP
+        self._outcome_counters: dict[str, Any] = {}  # metric children, one per outcome
         self.retry = retry_policy(settings)
         self._wake = asyncio.Event()
         self._outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
+        # The recorder's batch in hand (taken off the queue, not yet written): written again
+        # by _final_writes if the recorder is cancelled holding it (recording is idempotent).
+        self._recording: list[Outcome] = []
+        self._recorder_idle = asyncio.Event()
         self._calls: dict[int, asyncio.Task[None]] = {}
         self._claimed: set[int] = set()  # in flight under our token, not yet recorded
         self._lost: LeadershipLost | None = None  # set by a call that found the term over
@@ -143,7 +177,12 @@ class Dispatcher:
         for helper in helpers:
             helper.cancel()
         await asyncio.gather(*self._calls.values(), *helpers, return_exceptions=True)
-        await self._final_writes()
+        try:
+            await self._final_writes()
+        finally:
+            for lane in (self._claim_lane, self._record_lane):
+                with contextlib.suppress(Exception):
+                    await lane.close()
 
     async def _claim_loop(self, helpers: Sequence[asyncio.Task[None]]) -> None:
         settings = self.settings
@@ -163,6 +202,11 @@ class Dispatcher:
             free = settings.dispatch_concurrency - len(self._claimed)
             if free >= low_water or (free > 0 and not self._claimed):
                 want = min(free, batch_size)
+                gap = self._claimed_at + CLAIM_GAP - time.monotonic()
+                if gap > 0:
+                    await asyncio.sleep(gap)  # coalesce a burst of wake-ups into one claim
+                    if self.leadership.stopping.is_set():
+                        break
                 try:
                     batch = await self._claim(want)
                 except (DatabaseUnavailable, TimeoutError) as exc:
@@ -177,7 +221,9 @@ class Dispatcher:
                 for payment in batch:
                     self._start_call(payment)
                 if len(batch) == want:
+                    self._claimed_at = -CLAIM_GAP
                     continue  # more may be waiting: claim again without sleeping
+                self._claimed_at = time.monotonic()
             else:
                 self.last_progress = time.monotonic()  # every slot busy: calls are the work
             waiters = [
@@ -206,16 +252,35 @@ class Dispatcher:
         if self._calls:
             grace = max(0.0, min(self.settings.shutdown_grace * 0.8, self.leadership.remaining()))
             await asyncio.wait(list(self._calls.values()), timeout=grace)
-        await self._flush_outcomes()
+        # The recorder writes what is left at once (no call can add to it any more); what
+        # it has not written when the bound passes is written by _final_writes.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, min(1.0, self.leadership.remaining()))):
+                while True:
+                    await self._recorder_idle.wait()
+                    if self._outcomes.empty():
+                        break
+                    await asyncio.sleep(0)  # the recorder has yet to take what was queued
 
     # --- claiming and calling -------------------------------------------------------------
 
     async def _claim(self, limit: int) -> list[Claimed]:
-        timeout = self.leadership.call_timeout(self.settings.db_timeout)
         horizon = self.retry.horizon.total_seconds()
-        async with self.fenced.transaction(timeout) as conn:
-            parked = await payments.park_expired(conn, token=self.token, horizon=horizon)
-            claimed = await payments.claim(conn, token=self.token, limit=limit, horizon=horizon)
+        if time.monotonic() - self._parked_at >= PARK_INTERVAL:
+            timeout = self.leadership.call_timeout(self.settings.db_timeout)
+            async with self.fenced.transaction(timeout) as conn:
+                parked = await payments.park_expired(conn, token=self.token, horizon=horizon)
+            self._parked_at = time.monotonic()
+            self._parked(parked)
+        timeout = self.leadership.call_timeout(self.settings.db_timeout)
+        claimed = await self._claim_lane.claim(limit=limit, horizon=horizon, timeout=timeout)
+        if claimed:
+            self.stats.claimed += len(claimed)
+            self.stats.batches += 1
+            self.metrics.batch_sizes.observe(len(claimed))
+        return claimed
+
+    def _parked(self, parked: list[int]) -> None:
         if parked:
             self.stats.needs_reconciliation += len(parked)
             log.warning(
@@ -225,11 +290,6 @@ class Dispatcher:
                 len(parked),
                 parked[:20],
             )
-        if claimed:
-            self.stats.claimed += len(claimed)
-            self.stats.batches += 1
-            self.metrics.batch_sizes.observe(len(claimed))
-        return claimed
 
     async def _call(self, payment: Claimed) -> None:
         """One provider call. Every way out ends in an outcome queued for recording, or in
@@ -347,14 +407,30 @@ class Dispatcher:
     # --- recording ------------------------------------------------------------------------
 
     async def _record_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
+            if self._outcomes.empty():
+                self._recorder_idle.set()
             first = await self._outcomes.get()
-            batch = [first]
-            while not self._outcomes.empty() and len(batch) < 500:
-                batch.append(self._outcomes.get_nowait())
+            self._recorder_idle.clear()
+            batch = self._recording = [first]
+            flush_at = loop.time() + RECORD_FLUSH
+            while len(batch) < RECORD_BATCH:
+                if self._outcomes.empty():
+                    left = flush_at - loop.time()
+                    if left <= 0 or (not self._calls and self.leadership.stopping.is_set()):
+                        break
+                    try:
+                        async with asyncio.timeout(left):
+                            batch.append(await self._outcomes.get())
+                    except TimeoutError:
+                        break
+                else:
+                    batch.append(self._outcomes.get_nowait())
             while True:
                 try:
                     await self._record(batch)
+                    self._recording = []
                 except (DatabaseUnavailable, TimeoutError) as exc:
                     # The same batch again once Postgres answers (recording is idempotent:
                     # only rows still in flight under our token change, attempts once).
@@ -365,24 +441,28 @@ class Dispatcher:
                 break
 
     async def _flush_outcomes(self) -> None:
-        batch = []
+        """Write what the (cancelled) recorder held and what is still queued."""
+        batch, self._recording = self._recording, []
         while not self._outcomes.empty():
             batch.append(self._outcomes.get_nowait())
         if batch:
             await self._record(batch)
 
     async def _record(self, batch: list[Outcome]) -> None:
-        async with self.fenced.transaction(self.settings.db_timeout) as conn:
-            await payments.record_outcomes(
-                conn, token=self.token, node=self.settings.node_id, outcomes=batch
-            )
+        await self._record_lane.record(
+            node=self.settings.node_id, outcomes=batch, timeout=self.settings.db_timeout
+        )
         for outcome in batch:
             self._claimed.discard(outcome.payment_id)
             self._count(outcome)
         self._wake.set()  # room for more claims
 
     def _count(self, outcome: Outcome) -> None:
-        self.metrics.provider_calls.labels(outcome.attempt_outcome).inc()
+        counter = self._outcome_counters.get(outcome.attempt_outcome)
+        if counter is None:  # labels() takes a lock and builds a key: once per outcome
+            counter = self.metrics.provider_calls.labels(outcome.attempt_outcome)
+            self._outcome_counters[outcome.attempt_outcome] = counter
+        counter.inc()
         stats = self.stats
         stats.outcomes[outcome.attempt_outcome] = stats.outcomes.get(outcome.attempt_outcome, 0) + 1
         if outcome.status is PaymentStatus.SUCCEEDED:

@@ -57,11 +57,7 @@ def create_engine(
     ``autocommit=True`` suits the API, whose statements each stand alone: no BEGIN/COMMIT
     round trips around every insert and read (the ingest insert is atomic by itself).
     """
-    server_settings = {"application_name": f"paydispatch:{settings.node_id}"[:63]}
-    if leader:
-        idle_ms = int(min(1.0, settings.lease_ttl / 2) * 1000)
-        server_settings["idle_in_transaction_session_timeout"] = str(idle_ms)
-        server_settings["statement_timeout"] = str(int(settings.db_timeout * 1000))
+    server_settings = session_settings(settings, leader=leader)
     return create_async_engine(
         engine_url(settings.database_url),
         **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
@@ -79,6 +75,17 @@ def create_engine(
             "server_settings": server_settings,
         },
     )
+
+
+def session_settings(settings: Settings, *, leader: bool) -> dict[str, str]:
+    """Server settings of our sessions; a leader's add the bounds ``create_engine`` explains
+    (the raw connections of ``app.store.claims`` use the same)."""
+    server_settings = {"application_name": f"paydispatch:{settings.node_id}"[:63]}
+    if leader:
+        idle_ms = int(min(1.0, settings.lease_ttl / 2) * 1000)
+        server_settings["idle_in_transaction_session_timeout"] = str(idle_ms)
+        server_settings["statement_timeout"] = str(int(settings.db_timeout * 1000))
+    return server_settings
 
 
 def engine_url(database_url: str) -> str:

@@ -4,22 +4,23 @@
 Callers pass a ``Connection`` (``app.store.engine``) and get domain types back; the statements
 themselves are private, and rows become dataclasses by column name, never by position.
 
-Ingest (any replica) only inserts, with no fencing token. Leader statements (claim, record,
-recover, release, settle) carry the leader's token on every row they touch and run inside a
-fenced transaction (``app.store.fence.FencedWriter``); the fence trigger checks the token.
+Ingest (any replica) only inserts, with no fencing token. Leader statements (park, recover,
+release, settle; the hot claim and record are in ``app.store.claims``) carry the leader's
+token on every row they touch and run inside a fenced transaction
+(``app.store.fence.FencedWriter``); the fence trigger checks the token.
 Operator statements are stamped with the fence's current token.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import text
 
-from app.domain.payment import Claimed, Outcome, Payment, PaymentRequest, ReconcileCandidate
+from app.domain.payment import Payment, PaymentRequest, ReconcileCandidate
 from app.domain.states import PaymentStatus
 from app.store.engine import Connection
 
@@ -116,26 +117,6 @@ _PARK_EXPIRED = text(
     """
 )
 
-_CLAIM = text(
-    """
-    WITH batch AS (
-        SELECT id FROM payments
-        WHERE status = 'pending' AND next_attempt_at <= now()
-          AND provider_key_issued_at >= now() - make_interval(secs => :horizon)
-        ORDER BY next_attempt_at, id
-        LIMIT :limit
-        FOR UPDATE SKIP LOCKED
-    )
-    UPDATE payments AS p
-    SET status = 'in_flight', fence_token = :token, attempts = p.attempts + 1,
-        updated_at = now()
-    FROM batch
-    WHERE p.id = batch.id
-    RETURNING p.id, p.idempotency_key, p.provider_key, p.provider_key_issued_at, p.amount,
-              p.currency, p.reference, p.attempts, p.created_at
-    """
-)
-
 # Takeover recovery: whatever an older leader left in flight goes back to the queue now,
 # with an 'abandoned' attempt row so the audit trail shows the interrupted call.
 _RECOVER = text(
@@ -165,39 +146,6 @@ _RELEASE = text(
     SET status = 'pending', next_attempt_at = now(), fence_token = :token, updated_at = now(),
         last_error = 'released by a leader stepping down; re-sent with the same key'
     WHERE status = 'in_flight' AND fence_token = :token AND id = ANY(CAST(:ids AS bigint[]))
-    """
-)
-
-_RECORD_OUTCOMES = text(
-    """
-    UPDATE payments AS p
-    SET status = v.status,
-        provider_charge_id = COALESCE(v.charge_id, p.provider_charge_id),
-        last_error = v.error,
-        next_attempt_at = CASE WHEN v.status = 'pending'
-                               THEN now() + make_interval(secs => v.delay)
-                               ELSE p.next_attempt_at END,
-        completed_at = CASE WHEN v.status IN ('succeeded', 'declined', 'failed')
-                            THEN now() ELSE NULL END,
-        fence_token = :token,
-        updated_at = now()
-    FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[]),
-                CAST(:charge_ids AS text[]), CAST(:errors AS text[]),
-                CAST(:delays AS float8[])) AS v(id, status, charge_id, error, delay)
-    WHERE p.id = v.id AND p.status = 'in_flight' AND p.fence_token = :token
-    """
-)
-
-_RECORD_ATTEMPTS = text(
-    """
-    INSERT INTO payment_attempts (payment_id, attempt, fence_token, node_id, started_at,
-                                  finished_at, outcome, provider_status, error)
-    SELECT v.id, v.attempt, :token, :node, v.started, v.finished, v.outcome, v.http, v.error
-    FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[]),
-                CAST(:started AS timestamptz[]), CAST(:finished AS timestamptz[]),
-                CAST(:outcomes AS text[]), CAST(:https AS integer[]),
-                CAST(:errors AS text[])) AS v(id, attempt, started, finished, outcome, http, error)
-    ON CONFLICT (payment_id, attempt) DO NOTHING
     """
 )
 
@@ -235,51 +183,6 @@ async def park_expired(conn: Connection, *, token: int, horizon: float) -> list[
     seconds ago to needs_reconciliation (it is looked up, never re-sent); their ids."""
     rows = await conn.execute(_PARK_EXPIRED, {"token": token, "horizon": horizon})
     return [int(row.id) for row in rows]
-
-
-async def claim(conn: Connection, *, token: int, limit: int, horizon: float) -> list[Claimed]:
-    """Stamp up to ``limit`` due pending payments in_flight under ``token`` (oldest due
-    first; rows another transaction holds are skipped, not waited for) and return them.
-    Payments whose provider key is older than ``horizon`` seconds are never claimed."""
-    rows = await conn.execute(_CLAIM, {"limit": limit, "token": token, "horizon": horizon})
-    return [_row_as(Claimed, row) for row in rows]
-
-
-async def record_outcomes(
-    conn: Connection, *, token: int, node: str, outcomes: Sequence[Outcome]
-) -> None:
-    """Record a batch of call outcomes: each payment's new state, and one attempt row each.
-
-    Only payments still in flight under ``token`` change; the attempt rows are appended
-    once (a repeated attempt number is ignored, so a retried batch is harmless).
-    """
-    ids = [o.payment_id for o in outcomes]
-    errors = [o.error for o in outcomes]
-    await conn.execute(
-        _RECORD_OUTCOMES,
-        {
-            "token": token,
-            "ids": ids,
-            "statuses": [o.status.value for o in outcomes],
-            "charge_ids": [o.charge_id for o in outcomes],
-            "errors": errors,
-            "delays": [o.delay for o in outcomes],
-        },
-    )
-    await conn.execute(
-        _RECORD_ATTEMPTS,
-        {
-            "token": token,
-            "node": node,
-            "ids": ids,
-            "attempts": [o.attempt for o in outcomes],
-            "started": [o.started for o in outcomes],
-            "finished": [o.finished for o in outcomes],
-            "outcomes": [o.attempt_outcome for o in outcomes],
-            "https": [o.http_status for o in outcomes],
-            "errors": errors,
-        },
-    )
 
 
 async def recover(conn: Connection, *, token: int, node: str) -> list[int]:

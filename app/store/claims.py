@@ -1,0 +1,211 @@
+"""The leader's hot path: claim a batch and record a batch, one round trip each.
+
+Why not the SQLAlchemy path of ``app.store.payments``: there a fenced claim cost six round
+trips (pool ping, BEGIN, ``paydispatch_assert_fence``, the park sweep, the claim, COMMIT) and
+so did every record (two statements), plus the ORM's per-statement work. On this machine a
+round trip is a handful of system calls, which dominate CPU per payment. Here each batch is
+ONE statement on a raw asyncpg connection (prepared once by asyncpg's statement cache, then
+Bind/Execute/Sync in one message), run as its own implicit transaction:
+
+- the fence assertion is part of the statement (``paydispatch_assert_fence`` read by the
+  final SELECT, so it runs even when nothing is claimed), and the row triggers check the
+  token on every row written, both under the fence row's share lock until commit: a stale
+  leader's statement fails as a whole (SQLSTATE PDF01 → StaleLeader), exactly as before;
+- claim and record keep their guards: only due, unexpired, pending rows are claimed
+  (``FOR UPDATE SKIP LOCKED``); only rows still in flight under this token are recorded;
+  attempt rows are appended once (a retried batch is harmless).
+
+The park sweep (expired provider keys → needs_reconciliation) is not on this path: the claim
+never takes an expired key anyway, so parking them is bookkeeping that runs every few
+seconds (``app.store.payments.park_expired``), not once per claim.
+
+Each lane is one connection used by one task at a time (the claim loop has one, the recorder
+another): no pool, so no reset query per checkout either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import asyncpg
+
+from app.domain.payment import Claimed, Outcome
+from app.errors import LeadershipLost, StaleLeader
+from app.store.engine import driver_dsn, translate
+
+_CLAIM = """
+WITH batch AS (
+    SELECT id FROM payments
+    WHERE status = 'pending' AND next_attempt_at <= now()
+      AND provider_key_issued_at >= now() - make_interval(secs => $4::float8)
+    ORDER BY next_attempt_at, id
+    LIMIT $3::int
+    FOR UPDATE SKIP LOCKED
+),
+claimed AS (
+    UPDATE payments AS p
+    SET status = 'in_flight', fence_token = $2::bigint, attempts = p.attempts + 1,
+        updated_at = now()
+    FROM batch
+    WHERE p.id = batch.id
+    RETURNING p.id, p.idempotency_key, p.provider_key, p.provider_key_issued_at, p.amount,
+              p.currency, p.reference, p.attempts, p.created_at
+)
+SELECT claimed.* FROM (SELECT paydispatch_assert_fence($1::text, $2::bigint)) AS fence(token)
+LEFT JOIN claimed ON true
+"""
+
+_RECORD = """
+WITH updated AS (
+    UPDATE payments AS p
+    SET status = v.status,
+        provider_charge_id = COALESCE(v.charge_id, p.provider_charge_id),
+        last_error = v.error,
+        next_attempt_at = CASE WHEN v.status = 'pending'
+                               THEN now() + make_interval(secs => v.delay)
+                               ELSE p.next_attempt_at END,
+        completed_at = CASE WHEN v.status IN ('succeeded', 'declined', 'failed')
+                            THEN now() ELSE NULL END,
+        fence_token = $2::bigint,
+        updated_at = now()
+    FROM unnest($4::bigint[], $6::text[], $7::text[], $8::text[], $9::float8[])
+         AS v(id, status, charge_id, error, delay)
+    WHERE p.id = v.id AND p.status = 'in_flight' AND p.fence_token = $2::bigint
+    RETURNING p.id
+),
+attempts AS (
+    INSERT INTO payment_attempts (payment_id, attempt, fence_token, node_id, started_at,
+                                  finished_at, outcome, provider_status, error)
+    SELECT v.id, v.attempt, $2::bigint, $3::text, v.started, v.finished, v.outcome, v.http,
+           v.error
+    FROM unnest($4::bigint[], $5::integer[], $10::timestamptz[], $11::timestamptz[],
+                $12::text[], $13::integer[], $8::text[])
+         AS v(id, attempt, started, finished, outcome, http, error)
+    ON CONFLICT (payment_id, attempt) DO NOTHING
+    RETURNING payment_id
+)
+SELECT fence.token, (SELECT count(*) FROM updated) AS updated,
+       (SELECT count(*) FROM attempts) AS appended
+FROM (SELECT paydispatch_assert_fence($1::text, $2::bigint)) AS fence(token)
+"""
+
+
+class LeaderLane:
+    """One connection of a leader term, for one task's statements (claim or record).
+
+    Connects lazily; after any failure the connection is dropped and the next call opens a
+    new one (a Postgres restart, a timeout that left a statement running). Errors come out
+    typed, as from ``FencedWriter.transaction``: StaleLeader (``on_stale`` is told first),
+    DatabaseUnavailable, TimeoutError; anything unclassified passes unchanged.
+    """
+
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        fence_name: str,
+        token: int,
+        server_settings: Mapping[str, str],
+        connect_timeout: float,
+        on_stale: Callable[[StaleLeader], None] | None = None,
+    ) -> None:
+        self._dsn = driver_dsn(database_url)
+        self._server_settings = dict(server_settings)
+        self._connect_timeout = connect_timeout
+        self.fence_name = fence_name
+        self.token = token
+        self.on_stale = on_stale
+        self._conn: Any = None  # asyncpg.Connection (asyncpg ships no type information)
+
+    async def claim(self, *, limit: int, horizon: float, timeout: float) -> list[Claimed]:
+        """Stamp up to ``limit`` due pending payments in_flight under our token (oldest due
+        first, locked rows skipped, keys older than ``horizon`` seconds never) and return
+        them; fails as a whole when the fence holds a newer token."""
+        rows = await self._fetch(
+            timeout, _CLAIM, self.fence_name, self.token, limit, float(horizon)
+        )
+        return [
+            Claimed(
+                id=row[0],
+                idempotency_key=row[1],
+                provider_key=row[2],
+                provider_key_issued_at=row[3],
+                amount=row[4],
+                currency=row[5],
+                reference=row[6],
+                attempts=row[7],
+                created_at=row[8],
+            )
+            for row in rows
+            if row[0] is not None  # the fence row alone: nothing was due
+        ]
+
+    async def record(self, *, node: str, outcomes: Sequence[Outcome], timeout: float) -> None:
+        """Record a batch of call outcomes and one attempt row each, in one statement.
+
+        Only payments still in flight under our token change; attempt rows are appended
+        once (a repeated attempt number is ignored, so a retried batch is harmless).
+        """
+        await self._fetch(
+            timeout,
+            _RECORD,
+            self.fence_name,
+            self.token,
+            node,
+            [o.payment_id for o in outcomes],
+            [o.attempt for o in outcomes],
+            [o.status.value for o in outcomes],
+            [o.charge_id for o in outcomes],
+            [o.error for o in outcomes],
+            [o.delay for o in outcomes],
+            [o.started for o in outcomes],
+            [o.finished for o in outcomes],
+            [o.attempt_outcome for o in outcomes],
+            [o.http_status for o in outcomes],
+        )
+
+    async def close(self) -> None:
+        """Close the connection (bounded: a dead server must not hold the term's exit)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await asyncio.wait_for(conn.close(), 1.0)
+            except BaseException:
+                conn.terminate()
+                raise
+
+    async def _fetch(self, timeout: float, query: str, *args: object) -> list[Any]:
+        try:
+            async with asyncio.timeout(timeout):
+                if self._conn is None or self._conn.is_closed():
+                    self._conn = await asyncpg.connect(
+                        self._dsn,
+                        timeout=self._connect_timeout,
+                        server_settings=self._server_settings,
+                    )
+                rows: list[Any] = await self._conn.fetch(query, *args)
+                return rows
+        except (LeadershipLost, asyncio.CancelledError):
+            self._drop()
+            raise
+        except TimeoutError:
+            self._drop()  # the statement may still run: never reuse the connection
+            raise
+        except Exception as exc:
+            typed = translate(exc)
+            if isinstance(typed, StaleLeader) and self.on_stale is not None:
+                self.on_stale(typed)
+            if typed is None or not isinstance(typed, StaleLeader):
+                self._drop()
+            if typed is None:
+                raise
+            raise typed from exc
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.terminate()
