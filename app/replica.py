@@ -128,9 +128,16 @@ async def _leadership(app: web.Application) -> AsyncIterator[None]:
     # of connections, nor the other way round.
     leader_engine = create_engine(settings, pool_size=4, leader=True)
     http = aiohttp.ClientSession(
+        # Keep-alive connections (aiohttp's default), as many as calls may be in flight, so
+        # a steady drain never opens a connection per charge.
         connector=aiohttp.TCPConnector(limit=settings.dispatch_concurrency),
+        # The provider's cookies mean nothing to us; filtering the jar on every call showed
+        # on the leader's profile.
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
-    provider = ProviderClient(settings.provider_url, http)
+    provider = ProviderClient(
+        settings.provider_url, http, max_connections=settings.dispatch_concurrency
+    )
     dispatch_stats = DispatchStats()
     # Data flows one way: the elector publishes terms; the dispatch side leads each one.
     leader = DispatchLeader(settings, leader_engine, provider, dispatch_stats, app[METRICS])
@@ -159,6 +166,7 @@ async def _leadership(app: web.Application) -> AsyncIterator[None]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await client.close()
+        provider.close()
         await http.close()
         await leader_engine.dispose()
 

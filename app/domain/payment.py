@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated
 
+import orjson
 import pycountry
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
@@ -118,15 +119,15 @@ class ChargeRequest:
 
     def body(self) -> bytes:
         """The JSON body; ``payment_id`` rides in metadata so the ledger links back to us."""
-        return json.dumps(
+        return orjson.dumps(
             {
                 "amount": self.amount,
                 "currency": self.currency,
-                "reference": self.reference,
                 "metadata": {"payment_id": str(self.payment_id)},
+                "reference": self.reference,
             },
-            sort_keys=True,
-        ).encode()
+            option=orjson.OPT_SORT_KEYS,
+        )
 
 
 @dataclass(frozen=True, slots=True)
