@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -222,6 +223,10 @@ async def serve(settings: Settings, app: web.Application | None = None) -> None:
     try:
         site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
         await site.start()
+        # Everything built at start-up (modules, models, the app) lives as long as the
+        # process: keep it out of the collector's generations, so that collections under
+        # load scan only what requests allocate (shorter pauses, less CPU).
+        gc.freeze()
         log.info(
             "serving on http://%s:%s as node %s", settings.host, settings.port, settings.node_id
         )

@@ -66,13 +66,17 @@ async def idle_latency(stack: LocalStack, samples: int) -> dict[str, float]:
                     payment = await resp.json()
                 for _ in range(500):  # bounded wait for the charge
                     row = await conn.fetchrow(
-                        "SELECT created_at, status FROM payments WHERE id = $1", payment["id"]
+                        "SELECT created_at, status, provider_key FROM payments WHERE id = $1",
+                        payment["id"],
                     )
                     if row["status"] in ("succeeded", "declined"):
                         break
                     await asyncio.sleep(0.002)
+                # The provider knows the payment by its provider key (migration 0003), not
+                # by the client's Idempotency-Key.
                 async with http.get(
-                    f"{stack.provider.url}/v1/charges", params={"idempotency_key": key}
+                    f"{stack.provider.url}/v1/charges",
+                    params={"idempotency_key": row["provider_key"]},
                 ) as resp:
                     charge = (await resp.json())["data"][0]
                 charged_at = datetime.fromisoformat(charge["created_at"].replace("Z", "+00:00"))

@@ -74,7 +74,17 @@ class PaymentRequest(BaseModel):
 
     def fingerprint(self) -> str:
         """A digest of the normalised request: same digest ⇔ same payment intent."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        # The same dict as model_dump(mode="json") (every field is JSON-native already),
+        # built directly: this runs on every ingest request. The text must never change:
+        # stored fingerprints of earlier requests are compared with it.
+        fields = {
+            "amount": self.amount,
+            "currency": self.currency,
+            "reference": self.reference,
+            "description": self.description,
+            "metadata": self.metadata,
+        }
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 

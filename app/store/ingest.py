@@ -92,7 +92,10 @@ class IngestStore:
         constraint: ON CONFLICT waits for the first inserter, then the SELECT sees its row.
         Driver errors pass unchanged (the web layer maps an unavailable database to 503).
         """
-        async with self._pool.acquire(timeout=self._timeout) as conn:
+        # No acquire timeout: asyncpg implements it with wait_for (a task per request), and
+        # the wait is bounded anyway: every statement has command_timeout, every connect
+        # attempt the pool's connect timeout.
+        async with self._pool.acquire() as conn:
             row = await conn.fetchrow(
                 _INSERT,
                 key,

@@ -58,3 +58,16 @@ def test_the_fast_payment_encoder_writes_the_models_document(payment: Payment) -
     model = json.loads(body_text(payment_body(payment)))
     assert fast == model
     assert list(fast) == list(model)  # the same field order, too
+
+
+def test_the_fingerprint_is_the_digest_of_the_models_canonical_dump() -> None:
+    """Fingerprints of stored payments were made from model_dump; they must still match."""
+    import hashlib
+
+    from app.domain.payment import PaymentRequest
+
+    request = PaymentRequest(
+        amount=5, currency="EUR", reference="\u00e9\x01", metadata={"b": "2", "a": "\u2603"}
+    )
+    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    assert request.fingerprint() == hashlib.sha256(canonical.encode()).hexdigest()
