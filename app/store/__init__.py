@@ -12,11 +12,12 @@ Fencing rules (enforced by the database itself, ``migrations/versions/0001_initi
   Replicas run as a role that cannot write the table at all except through the raise function
   (:mod:`app.store.roles`, set up by ``paydispatch migrate``), and refuse to start when their
   fence is not the one the triggers enforce (:func:`~app.store.fence.enforced_fence_name`).
-- Every leader write carries its token (``fence_token``) and opens with
-  ``paydispatch_assert_fence``, which reads the fence row ``FOR SHARE``: a write by an old
-  token either commits before the fence moves or fails after it (SQLSTATE ``PDF01`` →
-  :class:`~app.errors.StaleLeader`). A superseded leader fails fast even when its statement
-  would touch no row.
+- Every leader write carries its token (``fence_token``) and runs
+  ``paydispatch_assert_fence`` in the same transaction — first in a fenced transaction, or
+  inside the one statement of the hot claim and record (:mod:`app.store.claims`) — which
+  reads the fence row ``FOR SHARE``: a write by an old token either commits before the fence
+  moves or fails after it (SQLSTATE ``PDF01`` → :class:`~app.errors.StaleLeader`). A
+  superseded leader fails fast even when its statement would touch no row.
 - Ingest (any replica) inserts ``pending`` rows with no token and never touches claimed rows.
 - Leader sessions run with ``idle_in_transaction_session_timeout`` ≤ 1 s, so a leader frozen
   inside a transaction cannot hold the share lock and block the next leader's raise.

@@ -130,11 +130,15 @@ def is_unavailable(exc: BaseException) -> bool:
     if cause is not None and cause is not exc:
         return is_unavailable(cause)
     # asyncpg's "connection was closed in the middle of operation" and friends carry no
-    # SQLSTATE; they are all InterfaceError subclasses.
+    # SQLSTATE; they are all InterfaceError subclasses. InternalClientError ("cannot switch
+    # to state ...; another operation is in progress") is what a raw asyncpg connection
+    # (app.store.ingest, app.store.claims) raises when the server ended it under a statement:
+    # SQLAlchemy used to wrap it as an InterfaceError.
     return isinstance(exc, sqlalchemy.exc.InterfaceError) or type(exc).__name__ in {
         "ConnectionDoesNotExistError",
         "InterfaceError",
         "ConnectionFailureError",
+        "InternalClientError",
     }
 
 

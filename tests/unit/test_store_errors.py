@@ -107,6 +107,16 @@ def test_a_driver_interface_error_without_a_sqlstate_is_unavailability() -> None
     assert is_unavailable(exc)
 
 
+def test_a_raw_connection_broken_under_a_statement_is_unavailability() -> None:
+    # The raw asyncpg paths (ingest, the leader's claim and record) see this unwrapped when
+    # Postgres ends a session under a statement (a restart); the client retries, so 503.
+    exc = asyncpg.exceptions._base.InternalClientError(
+        "cannot switch to state 12; another operation (2) is in progress"
+    )
+
+    assert is_unavailable(exc)
+
+
 # --- translate ------------------------------------------------------------------------------
 
 
