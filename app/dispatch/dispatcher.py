@@ -1,8 +1,9 @@
 """The leader's work: drain the queue through the provider, exactly once in effect.
 
 Runs only inside a leadership term (``app.dispatch.leader`` runs it for each term). Every write is
-stamped with the term's token and opens with ``paydispatch_assert_fence``, so Postgres
-refuses it once a newer leader has raised the fence — whatever this process believes.
+stamped with the term's token and runs ``paydispatch_assert_fence`` in its transaction (the
+hot claim and record are one statement each, ``app.store.claims``), so Postgres refuses it
+once a newer leader has raised the fence — whatever this process believes.
 
 Timing rule: claiming and calling the provider are *acting as leader* and need remaining
 validity (their timeouts are cut to it). Recording the result of a call already made is not:
