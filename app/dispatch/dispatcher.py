@@ -24,7 +24,7 @@ import structlog
 
 from app.dispatch import reconcile
 from app.dispatch.provider import ProviderClient
-from app.domain.outcome import Charge
+from app.domain.outcome import Charge, storable_text
 from app.domain.payment import Claimed, Outcome
 from app.domain.retry import RetryPolicy
 from app.domain.states import PaymentStatus
@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 # Seconds between retries of a write or a claim while Postgres does not answer.
 OUTAGE_RETRY = 0.5
+# Longest a reconcile pass may take; the next pass resumes where it stopped.
+SWEEP_BUDGET = 30.0
 
 
 @dataclass
@@ -110,6 +112,8 @@ class Dispatcher:
         self._claimed: set[int] = set()  # in flight under our token, not yet recorded
         self._lost: LeadershipLost | None = None  # set by a call that found the term over
         self._outage_since: float | None = None  # monotonic start of a Postgres outage
+        self._claim_unsure = False  # a claim failed: it may have committed unseen
+        self._sweep_after = 0  # where the next reconcile pass resumes
 
     # --- the term -------------------------------------------------------------------------
 
@@ -169,6 +173,8 @@ class Dispatcher:
                     # Keep the lease through a short Postgres outage: no progress is
                     # recorded, so DispatchLeader ends the term if it lasts past the stall
                     # limit (a leader cut off from Postgres must let another one lead).
+                    # The claim may have committed with its answer lost: check next time.
+                    self._claim_unsure = True
                     self._outage(exc)
                     await asyncio.sleep(OUTAGE_RETRY)
                     continue
@@ -178,8 +184,7 @@ class Dispatcher:
                     self._start_call(payment)
                 if len(batch) == want:
                     continue  # more may be waiting: claim again without sleeping
-            else:
-                self.last_progress = time.monotonic()  # every slot busy: calls are the work
+
             waiters = [
                 asyncio.ensure_future(self._wake.wait()),
                 asyncio.ensure_future(self.leadership.stopping.wait()),
@@ -214,8 +219,20 @@ class Dispatcher:
         timeout = self.leadership.call_timeout(self.settings.db_timeout)
         horizon = self.retry.horizon.total_seconds()
         async with self.fenced.transaction(timeout) as conn:
+            orphans = (
+                await payments.release_untracked(conn, token=self.token, known=self._claimed)
+                if self._claim_unsure
+                else []
+            )
             parked = await payments.park_expired(conn, token=self.token, horizon=horizon)
             claimed = await payments.claim(conn, token=self.token, limit=limit, horizon=horizon)
+        self._claim_unsure = False
+        if orphans:
+            log.warning(
+                "token %s: re-queued %d payments claimed by a transaction whose answer was lost",
+                self.token,
+                len(orphans),
+            )
         if parked:
             self.stats.needs_reconciliation += len(parked)
             log.warning(
@@ -337,7 +354,7 @@ class Dispatcher:
             status,
             attempt_outcome,
             charge_id,
-            error[:500] if error else None,
+            storable_text(error)[:500] if error else None,
             http_status,
             delay,
             started,
@@ -362,6 +379,9 @@ class Dispatcher:
                     await asyncio.sleep(OUTAGE_RETRY)
                     continue
                 self._back()
+                # Recording is progress too: with every slot busy no claim runs, and a leader
+                # whose writes all fail must still reach its stall limit.
+                self.last_progress = time.monotonic()
                 break
 
     async def _flush_outcomes(self) -> None:
@@ -464,12 +484,15 @@ class Dispatcher:
                     log.exception("token %s: reconcile sweep failed; retrying", self.token)
 
     async def _reconcile_once(self) -> None:
-        await reconcile.sweep(
+        swept = await reconcile.sweep(
             self.engine,
             self.provider,
             lookup_timeout=lambda: self.leadership.call_timeout(self.settings.provider_timeout),
             settle=self._settle_reconciled,
+            after=self._sweep_after,
+            budget=SWEEP_BUDGET,
         )
+        self._sweep_after = swept.resume_after
 
     async def _settle_reconciled(self, settlement: reconcile.Settlement) -> bool:
         """The leader's way of writing a settlement: a fenced write stamped with our token."""

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import fields
+from dataclasses import dataclass, fields
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import text
@@ -181,10 +182,28 @@ _RECORD_OUTCOMES = text(
                             THEN now() ELSE NULL END,
         fence_token = :token,
         updated_at = now()
-    FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[]),
-                CAST(:charge_ids AS text[]), CAST(:errors AS text[]),
-                CAST(:delays AS float8[])) AS v(id, status, charge_id, error, delay)
+    FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[]),
+                CAST(:statuses AS text[]), CAST(:charge_ids AS text[]),
+                CAST(:errors AS text[]), CAST(:delays AS float8[]))
+         AS v(id, attempt, status, charge_id, error, delay)
+    -- The attempt must be the row's current one: a batch retried after its commit was lost
+    -- must not overwrite the outcome of a later call of the same payment.
     WHERE p.id = v.id AND p.status = 'in_flight' AND p.fence_token = :token
+      AND p.attempts = v.attempt
+    """
+)
+
+# A claim whose COMMIT landed but whose answer was lost leaves rows in flight under our own
+# token that this leader never called: they go back to the queue (takeover recovery only
+# takes rows of older tokens).
+_RELEASE_UNTRACKED = text(
+    """
+    UPDATE payments
+    SET status = 'pending', next_attempt_at = now(), fence_token = :token, updated_at = now(),
+        last_error = 'claimed by a transaction whose answer was lost; never sent, re-queued'
+    WHERE status = 'in_flight' AND fence_token = :token
+      AND NOT (id = ANY(CAST(:known AS bigint[])))
+    RETURNING id
     """
 )
 
@@ -260,6 +279,7 @@ async def record_outcomes(
         {
             "token": token,
             "ids": ids,
+            "attempts": [o.attempt for o in outcomes],
             "statuses": [o.status.value for o in outcomes],
             "charge_ids": [o.charge_id for o in outcomes],
             "errors": errors,
@@ -280,6 +300,13 @@ async def record_outcomes(
             "errors": errors,
         },
     )
+
+
+async def release_untracked(conn: Connection, *, token: int, known: Collection[int]) -> list[int]:
+    """Re-queue payments in flight under ``token`` that are not in ``known`` (the ones this
+    leader is calling): claimed by a transaction whose answer never arrived. Their ids."""
+    rows = await conn.execute(_RELEASE_UNTRACKED, {"token": token, "known": sorted(known)})
+    return [int(row.id) for row in rows]
 
 
 async def recover(conn: Connection, *, token: int, node: str) -> list[int]:
@@ -337,8 +364,23 @@ async def count_by_status(conn: Connection) -> dict[PaymentStatus, int]:
 # An operator is not a leader, but the fence trigger wants every update to say which term it
 # belongs to; the current fence token is the honest answer (the action happens "now").
 
+# How old a payment's provider key is and how long since anything was sent under it, both
+# by the database's clock (one clock for every replica, the one the claim uses too).
+_KEY_AGE = text(
+    """
+    SELECT p.updated_at,
+           p.provider_key_issued_at < now() - make_interval(secs => :horizon) AS too_old,
+           extract(epoch FROM now() - greatest(
+               p.updated_at,
+               (SELECT max(a.finished_at) FROM payment_attempts a WHERE a.payment_id = p.id)
+           ))::float8 AS quiet_for
+    FROM payments p WHERE p.id = :id
+    """
+)
+
 # With :new_key the payment is sent under a fresh provider key from now on: only after a
 # ledger lookup proved the old key was never charged (the provider may have forgotten it).
+# :seen is the updated_at the operator's decision was based on: anything since voids it.
 _ADMIN_REQUEUE = text(
     """
     UPDATE payments
@@ -349,7 +391,7 @@ _ADMIN_REQUEUE = text(
                                       THEN provider_key_issued_at ELSE now() END,
         fence_token = (SELECT token FROM leader_fence WHERE name = :fence)
     WHERE id = :id AND status IN ('pending', 'needs_reconciliation')
-      AND provider_key = :old_key
+      AND provider_key = :old_key AND updated_at = :seen
     RETURNING status
     """
 )
@@ -373,25 +415,50 @@ _AUDIT = text(
 )
 
 
+@dataclass(frozen=True, slots=True)
+class KeyAge:
+    """How a payment's provider key stands, by the database's clock."""
+
+    updated_at: datetime  # the row's version the answer belongs to
+    too_old: bool  # issued longer ago than the horizon: the provider may have forgotten it
+    quiet_for: float  # seconds since the row changed or an attempt under the key ended
+
+
+async def key_age(conn: Connection, *, payment_id: int, horizon: float) -> KeyAge | None:
+    """How old ``payment_id``'s provider key is and how long it has been quiet; None when
+    there is no such payment."""
+    row = (await conn.execute(_KEY_AGE, {"id": payment_id, "horizon": horizon})).first()
+    if row is None:
+        return None
+    return KeyAge(row.updated_at, bool(row.too_old), float(row.quiet_for))
+
+
 async def admin_requeue(
     conn: Connection,
     *,
     payment_id: int,
     fence_name: str,
     old_key: str,
+    seen: datetime,
     new_key: str | None = None,
 ) -> bool:
     """An operator puts a pending or needs_reconciliation payment back in the queue, due now,
     under its provider key ``old_key`` — or under ``new_key`` from now on, when a ledger
     lookup proved ``old_key`` was never charged.
 
-    False when the payment is in neither state any more (claimed or settled meanwhile) or
-    its key changed since it was read.
+    False when the payment changed since the operator's decision (``seen``, its updated_at):
+    claimed, settled, re-keyed or sent meanwhile.
     """
     row = (
         await conn.execute(
             _ADMIN_REQUEUE,
-            {"id": payment_id, "fence": fence_name, "old_key": old_key, "new_key": new_key},
+            {
+                "id": payment_id,
+                "fence": fence_name,
+                "old_key": old_key,
+                "new_key": new_key,
+                "seen": seen,
+            },
         )
     ).first()
     return row is not None

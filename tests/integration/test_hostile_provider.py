@@ -125,6 +125,7 @@ EXPECTED = {
     Anomaly.OTHER_KEY: "needs_reconciliation",
     Anomaly.INVALID_400: "failed",
     Anomaly.INVALID_422: "failed",
+    Anomaly.INVALID_NUL_TEXT: "failed",
 }
 
 
