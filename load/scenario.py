@@ -19,9 +19,13 @@ import asyncpg
 from app.ops.client import http_json
 from app.stack.target import Target
 from load.checker import Verdict, check_exactly_once, wait_until_settled
-from load.loadgen import LoadResult, post_payments
+from load.loadgen import LoadResult, percentile, post_payments
 
 LEADER_FAULTS = ("kill", "stop", "term")
+# A fault's window, for what clients saw: from the fault until the first charge after it
+# plus this much (the load balancer's and the clients' own recovery), at least FAULT_WINDOW.
+FAULT_WINDOW = 3.0
+FAULT_WINDOW_TAIL = 1.0
 ALL_FAULTS = (*LEADER_FAULTS, "etcd-member", "etcd-quorum", "postgres-restart", "provider-restart")
 
 
@@ -47,6 +51,12 @@ class Failover:
     seconds: float | None  # fault → next successful charge (by a new leader, for leader faults)
     new_token: int | None = None
 
+    @property
+    def window(self) -> tuple[float, float]:
+        """(start, end) in seconds since start of the span clients may have felt it."""
+        length = max(FAULT_WINDOW, (self.seconds or 0.0) + FAULT_WINDOW_TAIL)
+        return self.at, self.at + length
+
 
 @dataclass
 class ScenarioResult:
@@ -62,6 +72,46 @@ class ScenarioResult:
     stale_writes_rejected: int = 0
     throughput_per_s: float = 0.0
     duration_s: float = 0.0
+
+    # Seconds between the scenario's start and the load generator's (its times are its own).
+    load_offset: float = 0.0
+
+    def _in_window(self, t: float) -> bool:
+        return any(start <= t < end for start, end in (f.window for f in self.failovers))
+
+    def steady_p99(self) -> float:
+        """Ingest p99 (ms) of answers sent outside every fault window."""
+        return percentile(
+            [
+                ms
+                for t, ms in self.load.timed_latencies
+                if not self._in_window(t + self.load_offset)
+            ],
+            99,
+        )
+
+    def fault_client_view(self, failover: Failover) -> dict[str, float | int]:
+        """What clients saw inside ``failover``'s window: p99 ingest and failed attempts."""
+        start, end = failover.window
+        inside = [ms for t, ms in self.load.timed_latencies if start <= t + self.load_offset < end]
+        errors = sum(1 for t in self.load.error_times if start <= t + self.load_offset < end)
+        return {
+            "ingest_p99_ms": round(percentile(inside, 99), 2),
+            "client_errors": errors,
+            "window_s": round(end - start, 2),
+        }
+
+    def per_second(self) -> list[tuple[int, int, float]]:
+        """(second, client errors, ingest p99 ms) for every second of the run."""
+        errors: dict[int, int] = {}
+        latencies: dict[int, list[float]] = {}
+        for t in self.load.error_times:
+            second = int(t + self.load_offset)
+            errors[second] = errors.get(second, 0) + 1
+        for t, ms in self.load.timed_latencies:
+            latencies.setdefault(int(t + self.load_offset), []).append(ms)
+        seconds = sorted(set(errors) | set(latencies))
+        return [(s, errors.get(s, 0), percentile(latencies.get(s, []), 99)) for s in seconds]
 
     def report(self) -> dict[str, Any]:
         """The JSON report (the keys the issue and the README promise)."""
@@ -84,6 +134,9 @@ class ScenarioResult:
                 "p99": round(self.load.percentile(99), 2),
             },
             "ingest_statuses": {str(k): v for k, v in sorted(self.load.statuses.items())},
+            # Attempts that ended in a transport error or a 5xx (each retry counts).
+            "client_errors": self.load.client_errors,
+            "ingest_p99_steady_ms": round(self.steady_p99(), 2),
             "failovers": [
                 {
                     "fault": f.fault,
@@ -91,6 +144,7 @@ class ScenarioResult:
                     "seconds": None if f.seconds is None else round(f.seconds, 3),
                     "old_token": f.old_token,
                     "new_token": f.new_token,
+                    **self.fault_client_view(f),
                 }
                 for f in self.failovers
             ],
@@ -256,7 +310,13 @@ async def run_scenario(
         if not load_task.done():
             load_task.cancel()
     verdict = await check_exactly_once(target.database_url, target.provider_url, load.acknowledged)
-    result = ScenarioResult(load=load, verdict=verdict, samples=samples, failovers=failovers)
+    result = ScenarioResult(
+        load=load,
+        verdict=verdict,
+        samples=samples,
+        failovers=failovers,
+        load_offset=load.started - started,
+    )
     result.duration_s = time.monotonic() - started
     result.stale_writes_rejected = await asyncio.to_thread(
         stale_writes, target.node_urls, target.api_key

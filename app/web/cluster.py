@@ -16,7 +16,15 @@ from app.web.schemas import (
     json_response,
     leader_body,
 )
-from app.web.state import DISPATCH_STATS, ELECTOR, OBSERVER, SETTINGS, STATUS_COUNTS, WATCHDOG
+from app.web.state import (
+    DISPATCH_STATS,
+    ELECTOR,
+    FAILOVER_STATS,
+    OBSERVER,
+    SETTINGS,
+    STATUS_COUNTS,
+    WATCHDOG,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +90,7 @@ async def get_node(request: web.Request) -> web.Response:
             # Served at the top level, where clients have always read it.
             stale_writes_rejected=counters.stale_writes_rejected,
             dispatch=dispatch_stats_body(counters),
+            failover=dict(request.app[FAILOVER_STATS].outcomes),
             event_loop_lag_s=round(watchdog.lag, 4),
             event_loop_max_lag_s=round(watchdog.max_lag, 4),
         )

@@ -228,6 +228,13 @@ class Node(_Closed):
     ]
     stale_writes_rejected: NonNegativeInt
     dispatch: DispatchStats
+    failover: Annotated[
+        dict[str, NonNegativeInt],
+        Field(
+            description="This replica's fast crash detection, by decision: takeover, "
+            "leader_alive, key_changed, rate_limited."
+        ),
+    ] = {}
     event_loop_lag_s: Seconds
     event_loop_max_lag_s: Seconds
 
