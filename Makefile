@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-fast chaos lint fmt typecheck clean validate-deploy kill-leader
+.PHONY: demo test test-unit test-fast chaos availability lint fmt typecheck clean validate-deploy kill-leader
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ demo: $(STAMP)
 ## test: the whole suite, chaos tests included (what CI runs)
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+## availability: the availability figures of the README, each leader fault three times
+availability: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH sh load/run-availability.sh
 
 ## test-unit: the fast tier: pure logic, no process, server or database (seconds)
 test-unit: $(STAMP)

@@ -1,8 +1,8 @@
 #!/bin/sh
 # The availability figures of the README (issue 11): each scenario three times, reports in
-# benchmarks/reports/. Run from the repository root with the project's venv active.
+# artifacts/availability/ (not committed). Run from the repository root: make availability.
 set -eu
-out=benchmarks/reports
+out=artifacts/availability
 mkdir -p "$out"
 for i in 1 2 3; do
   python -m load kill-leader --rate 200 --duration 45 --kills 5 --report "$out/kill-leader-$i.json"
