@@ -67,7 +67,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def print_report(result: ScenarioResult, args: argparse.Namespace) -> None:
-    report = {"scenario": args.scenario, **result.report()}
+    report = {"scenario": args.scenario, "status": "done", **result.report()}
     render_verdict(result, sys.stdout)
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
@@ -101,6 +101,8 @@ async def _run(target: Target, args: argparse.Namespace, faults: list[str]) -> S
         faults=faults,
         settle_timeout=args.settle_timeout,
         on_sample=Progress(sys.stdout),
+        # The report file fills in as the run goes: a killed run still leaves its figures.
+        progress_path=args.report,
     )
 
 

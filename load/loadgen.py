@@ -113,11 +113,15 @@ async def post_payments(
     progress: Callable[[LoadResult], None] | None = None,
     api_key: str | None = None,
     allow_remote: bool = False,
+    keep_going: Callable[[], bool] | None = None,
 ) -> LoadResult:
     """Post ``count`` payments round-robin over ``urls`` (``rate`` per second if given).
 
-    Each payment is retried with its own key on 5xx or connection errors until 2xx or until
-    ``deadline_s`` passes; what never got a 2xx lands in ``gave_up``.
+    With ``keep_going``, posting goes on at the same rate past ``count`` while it answers
+    True (a scenario keeps load flowing until its last fault has been measured); the
+    deadline bounds it either way. Each payment is retried with its own key on 5xx or
+    connection errors until 2xx or until ``deadline_s`` passes; what never got a 2xx lands
+    in ``gave_up``.
     """
     if not allow_remote:
         require_loopback(urls)
@@ -164,7 +168,11 @@ async def post_payments(
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
         tasks = []
-        for i in range(count):
+        i = -1
+        while True:
+            i += 1
+            if i >= count and not (keep_going is not None and keep_going()):
+                break
             if rate:
                 delay = result.started + i / rate - time.monotonic()
                 if delay > 0:
