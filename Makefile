@@ -56,7 +56,7 @@ fmt: $(STAMP)
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
 
-## validate-deploy: docker-compose.yml (Compose's own parser), Dockerfile (hadolint), haproxy -c
+## validate-deploy: compose (Compose's own parser), Dockerfile (hadolint), haproxy -c, Kubernetes (kustomize, kubernetes-validate, checkov)
 validate-deploy: $(STAMP)
 	PYTHON=$(BIN)/python .ci/validate-deploy
 

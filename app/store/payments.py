@@ -236,6 +236,17 @@ _OLDEST_UNRECONCILED = text(
     """
 )
 
+# Ids grow with time, so the lowest id per status is the oldest payment: each subquery is one
+# step down payments_status_id_idx, whatever the queue's size (least() skips NULLs).
+_OLDEST_UNSETTLED = text(
+    """
+    SELECT extract(epoch FROM now() - least(
+        (SELECT created_at FROM payments WHERE status = 'pending' ORDER BY id LIMIT 1),
+        (SELECT created_at FROM payments WHERE status = 'in_flight' ORDER BY id LIMIT 1)
+    )) AS age
+    """
+)
+
 _SETTLE_RECONCILED = text(
     """
     UPDATE payments
@@ -334,6 +345,13 @@ async def reconcile_candidates(
 async def oldest_unreconciled_age(conn: Connection) -> float | None:
     """Seconds since the longest-waiting needs_reconciliation payment last changed."""
     age = (await conn.execute(_OLDEST_UNRECONCILED)).scalar_one()
+    return float(age) if age is not None else None
+
+
+async def oldest_unsettled_age(conn: Connection) -> float | None:
+    """Seconds since the oldest payment still pending or in flight was accepted (None: the
+    queue is empty)."""
+    age = (await conn.execute(_OLDEST_UNSETTLED)).scalar_one()
     return float(age) if age is not None else None
 
 
