@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.ops.client import http_json
@@ -24,7 +24,7 @@ defaults
     option redispatch
 
 frontend api
-    bind 127.0.0.1:{port}
+    bind {host}:{port}
     default_backend replicas
 
 backend replicas
@@ -46,6 +46,8 @@ class HaproxyProcess(ChildProcess):
 
     base_dir: Path
     backends: list[tuple[str, int]]  # (name, port)
+    # name → address of a backend that does not serve on 127.0.0.1 (the partitioned stack)
+    backend_hosts: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -69,9 +71,10 @@ class HaproxyProcess(ChildProcess):
             raise StackError("haproxy is not on PATH")
         self.base_dir.mkdir(parents=True, exist_ok=True)
         servers = "\n".join(
-            f"    server {name} 127.0.0.1:{port} check" for name, port in self.backends
+            f"    server {name} {self.backend_hosts.get(name, '127.0.0.1')}:{port} check"
+            for name, port in self.backends
         )
-        self.config_path.write_text(CONFIG.format(port=self.port, servers=servers))
+        self.config_path.write_text(CONFIG.format(host=self.host, port=self.port, servers=servers))
         check = subprocess.run(
             [binary, "-c", "-q", "-f", str(self.config_path)],
             capture_output=True,
