@@ -298,6 +298,15 @@ async def _charging_figures(
             start,
             end,
         )
+        # Provider calls started during the cut by outcome: "retry" and "unknown" are the
+        # calls whose answer never came (same key next time), "reconciled" settled by lookup.
+        outcomes = await conn.fetch(
+            "SELECT outcome, count(*) AS n FROM payment_attempts"
+            " WHERE started_at BETWEEN to_timestamp($1) AND to_timestamp($2)"
+            " GROUP BY outcome ORDER BY outcome",
+            start,
+            partition.healed_at or start,
+        )
     finally:
         await conn.close()
     times = [start, *(float(r["at"]) for r in done)]
@@ -311,6 +320,7 @@ async def _charging_figures(
         if token and last_old_call
         else None,
         "charged_by_token": {str(r["fence_token"]): int(r["n"]) for r in tokens},
+        "attempts_during_cut": {str(r["outcome"]): int(r["n"]) for r in outcomes},
     }
 
 
