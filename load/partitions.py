@@ -206,7 +206,15 @@ async def _partitions(
             continue
         leader, token = await _leader(stack)
         partition = _build(nemesis, step, leader, rng)
-        partition.facts |= {"leader": leader, "token": token, "hold_s": hold}
+        # etcd's own raft leader matters: one left in a minority keeps renewing leases until
+        # check-quorum demotes it, and a new one re-arms every lease (see the README).
+        raft = await asyncio.to_thread(stack.etcd.raft_leader, 1.0)
+        partition.facts |= {
+            "leader": leader,
+            "token": token,
+            "hold_s": hold,
+            "etcd_raft_leader": raft.name if raft else None,
+        }
         await asyncio.to_thread(nemesis.apply, partition)
         run.partitions.append(partition)
         say(f"{partition.description} (token {token}) for {hold:.1f} s")
@@ -379,6 +387,7 @@ def _partition_report(
         "healed_at_s": _rel(partition.healed_at, origin),
         "held_s": _rel(partition.healed_at, start),
         "leader_at_cut": partition.facts.get("leader"),
+        "etcd_raft_leader_at_cut": partition.facts.get("etcd_raft_leader"),
         "token_at_cut": partition.facts.get("token"),
         "links_cut": len(partition.links),
         "token_changes": changes,
