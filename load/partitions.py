@@ -178,10 +178,22 @@ def _build(nemesis: Nemesis, kind: str, leader: str, rng: random.Random) -> Part
 
 
 async def _flap(nemesis: Nemesis, seconds: float, rng: random.Random, run: Run) -> None:
-    """Random cuts, each held 1-3 s, for ``seconds`` (bounded: ends by then)."""
+    """Random cuts, each held 1-3 s, for ``seconds`` (bounded: ends by then). Half of them
+    aim at the leader of the moment (cut from etcd, Postgres or the provider, or isolated):
+    uniform picks over ten nodes would rarely touch the one that matters most."""
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        partition = nemesis.random_cut(rng)
+        seen = run.samples[-1] if run.samples else None
+        if seen is not None and seen.node is not None and rng.random() < 0.5:
+            target = rng.choice(("etcd", "postgres", "provider", "isolate"))
+            partition = (
+                nemesis.isolate(seen.node)
+                if target == "isolate"
+                else nemesis.leader_from(seen.node, target)
+            )
+            partition.facts |= {"leader": seen.node, "token": seen.token}
+        else:
+            partition = nemesis.random_cut(rng)
         partition.facts["flap"] = True
         await asyncio.to_thread(nemesis.apply, partition)
         run.partitions.append(partition)
@@ -370,7 +382,8 @@ def _partition_report(
 ) -> dict[str, Any]:
     start, healed = partition.applied_at or 0.0, partition.healed_at or time.time()
     changes: list[dict[str, Any]] = []
-    last: int | None = _token_at_cut(partition) or None
+    before = [s.token for s in run.samples if s.at < start and s.token is not None]
+    last: int | None = _token_at_cut(partition) or (before[-1] if before else None)
     for sample in run.samples:
         if start <= sample.at <= healed + WINDOW_AFTER_HEAL_S and sample.token not in (
             None,
