@@ -279,14 +279,14 @@ async def _wait_settled_leadership(stack: LocalStack, since: float) -> float | N
 
 
 async def _charging_figures(
-    database_url: str, partition: Partition, origin: float
+    database_url: str, partition: Partition, window_end: float
 ) -> dict[str, Any]:
     """From the rows: the longest charging gap around the partition, when charging resumed,
     the first charge by a newer token, the old token's last provider call, and the tokens
     that charged during it."""
     assert partition.applied_at is not None
     start = partition.applied_at
-    end = (partition.healed_at or start) + WINDOW_AFTER_HEAL_S
+    end = window_end
     token = _token_at_cut(partition)
     conn = await asyncpg.connect(database_url, timeout=5)
     try:
@@ -377,15 +377,24 @@ async def _token_gaps(database_url: str) -> tuple[list[dict[str, float | int]], 
     return gaps, rate
 
 
+def _window_end(partitions: list[Partition], i: int) -> float:
+    """Where partition ``i``'s figures stop: WINDOW_AFTER_HEAL_S past its heal, or the next
+    partition's start if that comes first (so a sequence does not count one cut twice)."""
+    partition = partitions[i]
+    end = (partition.healed_at or partition.applied_at or 0.0) + WINDOW_AFTER_HEAL_S
+    later = [p.applied_at for p in partitions[i + 1 :] if p.applied_at is not None]
+    return min([end, *later[:1]])
+
+
 def _partition_report(
-    partition: Partition, run: Run, origin: float, figures: dict[str, Any]
+    partition: Partition, run: Run, origin: float, window_end: float, figures: dict[str, Any]
 ) -> dict[str, Any]:
-    start, healed = partition.applied_at or 0.0, partition.healed_at or time.time()
+    start = partition.applied_at or 0.0
     changes: list[dict[str, Any]] = []
     before = [s.token for s in run.samples if s.at < start and s.token is not None]
     last: int | None = _token_at_cut(partition) or (before[-1] if before else None)
     for sample in run.samples:
-        if start <= sample.at <= healed + WINDOW_AFTER_HEAL_S and sample.token not in (
+        if start <= sample.at <= window_end and sample.token not in (
             None,
             last,
         ):
@@ -508,10 +517,11 @@ async def run_partition_scenario(
         stale_writes, [n.url for n in stack.nodes], stack.api_key
     )
     result.token_changes, result.throughput_per_s = await _token_gaps(stack.database_url)
-    figures = [
-        _partition_report(p, run, origin, await _charging_figures(stack.database_url, p, origin))
-        for p in run.partitions
-    ]
+    figures = []
+    for i, partition in enumerate(run.partitions):
+        end = _window_end(run.partitions, i)
+        charging = await _charging_figures(stack.database_url, partition, end)
+        figures.append(_partition_report(partition, run, origin, end, charging))
     report: dict[str, Any] = {
         "scenario": name,
         **result.report(),
