@@ -253,26 +253,49 @@ async def _sample(stack: LocalStack, run: Run, done: asyncio.Event) -> None:
             await asyncio.wait_for(done.wait(), 0.25)
 
 
-def _agreed_leader(stack: LocalStack) -> bool:
-    """Every replica confirms the same leader and that replica says it leads."""
+def _agreed_leader(stack: LocalStack) -> int | None:
+    """The token of the leader every replica confirms, if that replica says it leads."""
     tokens = set()
     for node in stack.nodes:
         status, body = http_json(f"{node.url}/v1/leader", timeout=0.5, api_key=stack.api_key)
         if status != 200 or not isinstance(body, dict):
-            return False
-        tokens.add((body["node_id"], body["token"]))
+            return None
+        tokens.add((str(body["node_id"]), int(body["token"])))
     if len(tokens) != 1:
-        return False
+        return None
     ((node_id, token),) = tokens
-    view = stack.node(str(node_id)).node(timeout=0.5)
-    return bool(view and view.get("is_leader") and view.get("token") == token)
+    view = stack.node(node_id).node(timeout=0.5)
+    return token if view and view.get("is_leader") and view.get("token") == token else None
+
+
+async def _charged_since(database_url: str, token: int, since: float) -> bool:
+    """True once ``token`` completed a charge after ``since`` (epoch), or nothing is open."""
+    with contextlib.suppress(OSError, asyncpg.PostgresError, TimeoutError):
+        conn = await asyncpg.connect(database_url, timeout=2)
+        try:
+            return bool(
+                await conn.fetchval(
+                    "SELECT EXISTS (SELECT 1 FROM payments WHERE fence_token = $1"
+                    " AND completed_at > to_timestamp($2))"
+                    " OR NOT EXISTS (SELECT 1 FROM payments"
+                    " WHERE status IN ('pending', 'in_flight'))",
+                    token,
+                    since,
+                )
+            )
+        finally:
+            await conn.close()
+    return False
 
 
 async def _wait_settled_leadership(stack: LocalStack, since: float) -> float | None:
-    """Seconds from ``since`` (epoch) until every replica agrees on one acting leader."""
+    """Seconds from ``since`` (epoch) until every replica confirms one leader, that replica
+    says it leads, and it has charged since (a leader that all agree on but that does not
+    work has not settled anything)."""
     deadline = time.monotonic() + SETTLED_TIMEOUT_S
     while time.monotonic() < deadline:
-        if await asyncio.to_thread(_agreed_leader, stack):
+        token = await asyncio.to_thread(_agreed_leader, stack)
+        if token is not None and await _charged_since(stack.database_url, token, since):
             return round(time.time() - since, 3)
         await asyncio.sleep(0.1)
     return None
@@ -296,6 +319,13 @@ async def _charging_figures(
             " AND completed_at BETWEEN to_timestamp($1) AND to_timestamp($2)"
             " ORDER BY completed_at",
             start,
+            end,
+        )
+        # A stall that begins inside the window may end after it: the first charge past
+        # the window closes the last gap.
+        next_after = await conn.fetchval(
+            "SELECT extract(epoch FROM min(completed_at))::float8 FROM payments"
+            " WHERE status IN ('succeeded', 'declined') AND completed_at > to_timestamp($1)",
             end,
         )
         first_new = await conn.fetchval(
@@ -330,6 +360,8 @@ async def _charging_figures(
     finally:
         await conn.close()
     times = [start, *(float(r["at"]) for r in done)]
+    if next_after is not None:
+        times.append(float(next_after))
     gaps = [(b - a, b) for a, b in itertools.pairwise(times)]
     longest = max(gaps, default=(None, None))
     return {
