@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from app.stack.local import LocalStack
+from app.stack.netns import netns_unavailable
 from app.stack.target import Target
 from load.demo import Progress, render_verdict
 from load.partitions import PARTITION_SCENARIOS, run_partition_cli
@@ -155,6 +156,12 @@ async def run_local(args: argparse.Namespace, faults: list[str]) -> ScenarioResu
 
 def run_partitions(args: argparse.Namespace) -> int:
     """A partition scenario (load/partitions.py): its own stack, report and exit code."""
+    reason = netns_unavailable()
+    if reason is not None:
+        raise SystemExit(
+            f"{args.scenario} needs Linux network namespaces, which cannot be made here: "
+            f"{reason}. Run it as root on Linux with iproute2 installed."
+        )
     result, report = asyncio.run(
         run_partition_cli(
             args.scenario,
