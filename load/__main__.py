@@ -38,6 +38,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     partitions.add_argument("--hold", type=float, default=8.0, help="seconds a cut holds")
     partitions.add_argument("--flap-for", type=float, default=15.0, help="seconds of flapping")
     partitions.add_argument("--steps", type=int, default=4, help="partitions of partition-chaos")
+    partitions.add_argument(
+        "--keep-dir", type=Path, help="keep the stack's logs and data here (to read after a run)"
+    )
     remote = parser.add_argument_group("a running deployment instead of the local stack")
     remote.add_argument(
         "--target",
@@ -173,6 +176,7 @@ def run_partitions(args: argparse.Namespace) -> int:
             seed=args.seed,
             settle_timeout=args.settle_timeout,
             say=lambda s: print(f"· {s}", flush=True),
+            keep_dir=args.keep_dir,
         )
     )
     render_verdict(result, sys.stdout)

@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -449,12 +450,21 @@ def _partition_report(
     }
 
 
-def partitioned_stack(replicas: int, say: Callable[[str], None]) -> LocalStack:
-    """The stack every partition scenario runs on (StackError if namespaces are not usable)."""
+def partitioned_stack(
+    replicas: int, say: Callable[[str], None], keep_dir: Path | None = None
+) -> LocalStack:
+    """The stack every partition scenario runs on (ConfigurationError if namespaces are not
+    usable). With ``keep_dir`` its logs and data stay there after the run."""
     reason = netns_unavailable()
     if reason is not None:
         raise ConfigurationError(f"partition scenarios need network namespaces: {reason}")
-    return LocalStack(replicas=replicas, replica_env=dict(PARTITION_ENV), partitioned=True, say=say)
+    return LocalStack(
+        replicas=replicas,
+        replica_env=dict(PARTITION_ENV),
+        partitioned=True,
+        say=say,
+        base_dir=keep_dir,
+    )
 
 
 def _check_private(network: Network, urls: list[str]) -> None:
@@ -578,9 +588,11 @@ async def run_partition_cli(
     seed: int,
     settle_timeout: float,
     say: Callable[[str], None],
+    keep_dir: Path | None = None,
 ) -> tuple[ScenarioResult, dict[str, Any]]:
-    """Start the partitioned stack, run ``name``, stop the stack (namespaces removed)."""
-    stack = partitioned_stack(replicas, say)
+    """Start the partitioned stack, run ``name``, stop the stack (namespaces removed; the
+    directory kept when ``keep_dir`` names it)."""
+    stack = partitioned_stack(replicas, say, keep_dir)
     await asyncio.to_thread(stack.start)
     try:
         return await run_partition_scenario(
