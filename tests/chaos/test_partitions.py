@@ -170,11 +170,18 @@ def test_a_leader_cut_from_postgres_steps_down_within_the_stall_limit(stack: Loc
     report = _scenario(stack, "partition-leader-postgres")
     _ok(report)
     (cut,) = report["partitions"]
-    # Bound: stall limit (3 x db_timeout + provider_timeout + 2) for the term to end, then a
-    # revoke and the next candidate's fence — a few seconds on these cores.
+    limit = report["stall_limit_s"]
     assert float(PARTITION_ENV["PAYDISPATCH_DB_TIMEOUT"]) == 2
+    assert limit == 10  # 3 x db_timeout + provider_timeout + 2
+    # The bound: the cut leader ends its term after the stall limit (plus one progress check,
+    # 0.5 s) and revokes its lease, so the next candidate leads at once (measured 11.2-11.7 s
+    # with a 10 s limit); TTL of slack for the loaded cores.
+    assert cut["token_changes"], cut
+    assert cut["token_changes"][0]["at_s"] < limit + TTL
+    # The new leader then charges; its first claim has been seen to time out once right
+    # after recovery (first charge 1.6-6.6 s after its election): a looser bound, on purpose.
     assert cut["first_charge_by_newer_token_s"] is not None, cut
-    assert cut["first_charge_by_newer_token_s"] < report["stall_limit_s"] + TTL + 4
+    assert cut["first_charge_by_newer_token_s"] < limit + TTL + 8
 
 
 def test_a_leader_cut_from_the_provider_charges_nothing_twice(stack: LocalStack) -> None:
