@@ -164,6 +164,25 @@ def test_a_leader_cut_from_etcd_stops_before_its_lease_and_the_majority_elects(
     # TTL + 1 s on an idle machine (measured ~2.6 s); 2 s of slack for shared CI cores.
     assert cut["token_changes"], cut
     assert cut["first_charge_by_newer_token_s"] < TTL + 1 + 2
+    assert cut["old_token_last_provider_call_s"] < cut["first_charge_by_newer_token_s"]
+
+
+def test_a_leader_with_the_etcd_minority_stops_before_the_majority_side_leads(
+    stack: LocalStack,
+) -> None:
+    report = _scenario(stack, "etcd-minority", hold=8)
+    _ok(report)
+    (cut,) = report["partitions"]
+    assert cut["token_changes"], cut
+    # Slower than a plain etcd cut when etcd's raft leader sits in the minority (it renews
+    # leases until check-quorum demotes it; the new raft leader re-arms them), but the old
+    # leader's last provider call always comes before the new leader's first charge.
+    assert cut["old_token_last_provider_call_s"] is not None
+    assert cut["first_charge_by_newer_token_s"] is not None
+    assert cut["old_token_last_provider_call_s"] < cut["first_charge_by_newer_token_s"]
+    # Budget: check-quorum (1 election timeout) + a majority raft election (1-2 s) + leases
+    # re-armed to election timeout + TTL + the 0.5 s expiry scan; measured 3.9-9.3 s.
+    assert cut["first_charge_by_newer_token_s"] < 15
 
 
 def test_a_leader_cut_from_postgres_steps_down_within_the_stall_limit(stack: LocalStack) -> None:
