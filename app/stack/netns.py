@@ -202,8 +202,8 @@ class NetNode:
     address: str
 
 
-def _pick_subnet() -> ipaddress.IPv4Network:
-    """A /24 of SUPERNET that no address or route of this machine overlaps."""
+def _taken() -> list[ipaddress.IPv4Network]:
+    """Every IPv4 network this machine has an address in or a route to."""
     taken: list[ipaddress.IPv4Network] = []
     for line in _ip("-4", "-o", "addr", "show").splitlines():
         with contextlib.suppress(ValueError, IndexError):
@@ -213,6 +213,12 @@ def _pick_subnet() -> ipaddress.IPv4Network:
         with contextlib.suppress(ValueError):
             if word not in ("default", "blackhole"):
                 taken.append(ipaddress.IPv4Network(word, strict=False))
+    return taken
+
+
+def _pick_subnet() -> ipaddress.IPv4Network:
+    """A /24 of SUPERNET that no address or route of this machine overlaps."""
+    taken = _taken()
     candidates = list(SUPERNET.subnets(new_prefix=24))
     start = secrets.randbelow(len(candidates))
     for subnet in candidates[start:] + candidates[:start]:
@@ -260,6 +266,12 @@ class Network:
     def create(self) -> Network:
         """Create the bridge, the namespaces and their links; on failure remove what exists."""
         reap_stale()
+        # Planned at construction: another run may have taken the same /24 since.
+        if any(self.subnet.overlaps(other) for other in _taken()):
+            raise NetnsError(
+                f"{self.subnet} was taken by another network since this one was planned; "
+                "plan a new Network"
+            )
         start_time = _start_time(os.getpid())
         MARKER_DIR.mkdir(parents=True, exist_ok=True)
         (MARKER_DIR / f"{self.run}.json").write_text(
