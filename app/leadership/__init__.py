@@ -4,7 +4,8 @@ This package knows nothing of Postgres or of what a leader does. The elector
 (:mod:`~app.leadership.elector`) publishes :class:`~app.leadership.term.Term` objects to one
 subscriber (the dispatch side, ``app.dispatch.leader``), which raises the fence, runs the
 work and decides when the work is stuck. The observer (:mod:`~app.leadership.observer`)
-tells every replica who leads.
+tells every replica who leads — only while etcd confirms it: a replica that could not
+re-read the election prefix within a lease TTL names no leader ("unknown since …").
 
 Election (etcd's ``concurrency.Election.Campaign`` recipe)
     1. Grant a lease (TTL, default 2 s) and create ``<prefix><lease id>`` only if absent, with

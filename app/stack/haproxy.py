@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.ops.client import http_json
@@ -64,7 +64,7 @@ defaults
 {defaults}
 
 frontend api
-    bind 127.0.0.1:{port}
+    bind {host}:{port}
     default_backend replicas
 
 backend replicas
@@ -84,6 +84,8 @@ class HaproxyProcess(ChildProcess):
 
     base_dir: Path
     backends: list[tuple[str, int]]  # (name, port)
+    # name → address of a backend that does not serve on 127.0.0.1 (the partitioned stack)
+    backend_hosts: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -106,12 +108,21 @@ class HaproxyProcess(ChildProcess):
         if binary is None:
             raise StackError("haproxy is not on PATH")
         self.base_dir.mkdir(parents=True, exist_ok=True)
+        backends = [
+            (name, self.backend_hosts.get(name, "127.0.0.1"), port) for name, port in self.backends
+        ]
         servers = "\n".join(
-            [f"    server {name} 127.0.0.1:{port} check" for name, port in self.backends]
-            + [f"    server {name}-spare 127.0.0.1:{port} backup" for name, port in self.backends]
+            [f"    server {name} {host}:{port} check" for name, host, port in backends]
+            + [f"    server {name}-spare {host}:{port} backup" for name, host, port in backends]
         )
         self.config_path.write_text(
-            CONFIG.format(port=self.port, servers=servers, defaults=DEFAULTS, backend=BACKEND)
+            CONFIG.format(
+                host=self.host,
+                port=self.port,
+                servers=servers,
+                defaults=DEFAULTS,
+                backend=BACKEND,
+            )
         )
         check = subprocess.run(
             [binary, "-c", "-q", "-f", str(self.config_path)],

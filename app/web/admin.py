@@ -222,7 +222,7 @@ async def resign_leader(request: web.Request) -> web.Response:
     and campaigns again behind the new leader. Send it to the leader (see /v1/leader)."""
     token = request.app[ELECTOR].handover()
     if token is None:
-        leader = request.app[OBSERVER].leader
+        leader = request.app[OBSERVER].confirmed_leader()
         await audit(request, "leader_resign", "not_leader")
         where = f" the leader is {leader.node_id} at {leader.url}" if leader else " none leads"
         return problem(409, "Not the leader", f"this replica does not lead;{where}")
