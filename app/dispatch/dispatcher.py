@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 
 # Seconds between retries of a write or a claim while Postgres does not answer.
 OUTAGE_RETRY = 0.5
+# Seconds between checks for rows in flight under our token that no call of ours holds.
+UNTRACKED_EVERY = 30.0
 # Longest a reconcile pass may take; the next pass resumes where it stopped.
 SWEEP_BUDGET = 30.0
 
@@ -113,6 +115,7 @@ class Dispatcher:
         self._lost: LeadershipLost | None = None  # set by a call that found the term over
         self._outage_since: float | None = None  # monotonic start of a Postgres outage
         self._claim_unsure = False  # a claim failed: it may have committed unseen
+        self._untracked_checked = time.monotonic()
         self._sweep_after = 0  # where the next reconcile pass resumes
 
     # --- the term -------------------------------------------------------------------------
@@ -219,14 +222,22 @@ class Dispatcher:
         timeout = self.leadership.call_timeout(self.settings.db_timeout)
         horizon = self.retry.horizon.total_seconds()
         async with self.fenced.transaction(timeout) as conn:
+            # After a failed claim (it may have committed unseen), and now and then anyway:
+            # a row in flight under our token that no call of ours holds must not wait for
+            # the next leader to be recovered.
+            check_untracked = (
+                self._claim_unsure or time.monotonic() - self._untracked_checked > UNTRACKED_EVERY
+            )
             orphans = (
                 await payments.release_untracked(conn, token=self.token, known=self._claimed)
-                if self._claim_unsure
+                if check_untracked
                 else []
             )
             parked = await payments.park_expired(conn, token=self.token, horizon=horizon)
             claimed = await payments.claim(conn, token=self.token, limit=limit, horizon=horizon)
         self._claim_unsure = False
+        if check_untracked:
+            self._untracked_checked = time.monotonic()
         if orphans:
             log.warning(
                 "token %s: re-queued %d payments claimed by a transaction whose answer was lost",
