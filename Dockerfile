@@ -5,6 +5,7 @@
 # Both stages must use the same base: the venv's interpreter links to /usr/local/bin/python3.11.
 # Checked offline by .ci/validate-deploy (hadolint).
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+# checkov:skip=CKV_DOCKER_7:both FROMs use PYTHON_IMAGE, pinned above; checkov does not resolve ARGs
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \

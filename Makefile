@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-fast chaos lint fmt typecheck clean validate-deploy kill-leader
+.PHONY: demo test test-unit test-fast chaos availability soak lint fmt typecheck clean validate-deploy kill-leader
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,15 @@ demo: $(STAMP)
 ## test: the whole suite, chaos tests included (what CI runs)
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+## soak: 100,000 payments under a seeded chaos mix (a fault every ~10 s), ends with a verdict
+soak: $(STAMP)
+	$(BIN)/python -m load chaos --rate 250 --duration 400 --kills 40 --seed 7 \
+		--report artifacts/soak/report.json
+
+## availability: the availability figures of the README, each leader fault three times
+availability: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH sh load/run-availability.sh
 
 ## test-unit: the fast tier: pure logic, no process, server or database (seconds)
 test-unit: $(STAMP)
@@ -47,7 +56,7 @@ fmt: $(STAMP)
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
 
-## validate-deploy: docker-compose.yml (Compose's own parser), Dockerfile (hadolint), haproxy -c
+## validate-deploy: compose (Compose's own parser), Dockerfile (hadolint), haproxy -c, Kubernetes (kustomize, kubernetes-validate, checkov)
 validate-deploy: $(STAMP)
 	PYTHON=$(BIN)/python .ci/validate-deploy
 

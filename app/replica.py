@@ -19,6 +19,8 @@ from app.dispatch.dispatcher import DispatchStats
 from app.dispatch.leader import DispatchLeader
 from app.dispatch.provider import ProviderClient
 from app.errors import DatabaseUnavailable
+from app.failover.beacon import LivenessBeacon
+from app.failover.detector import CrashDetector, DetectorConfig
 from app.leadership.elector import ElectionConfig, Elector
 from app.leadership.etcd import EtcdClient, EtcdSecurity
 from app.leadership.keepalive import LoopWatchdog
@@ -36,6 +38,8 @@ from app.web.state import (
     DISPATCH_STATS,
     ELECTOR,
     ENGINE,
+    FAILOVER_STATS,
+    LIFECYCLE,
     METRICS,
     METRICS_REFRESH,
     OBSERVER,
@@ -82,6 +86,19 @@ def election_config(settings: Settings) -> ElectionConfig:
         etcd_timeout=settings.etcd_timeout,
         shutdown_grace=settings.shutdown_grace,
         security=etcd_security(settings),
+    )
+
+
+def detector_config(settings: Settings) -> DetectorConfig:
+    """The crash detector's view of the settings."""
+    return DetectorConfig(
+        node_id=settings.node_id,
+        url=settings.public_url,
+        database_url=settings.database_url,
+        fence_name=settings.fence_name,
+        etcd_timeout=settings.etcd_timeout,
+        connect_timeout=settings.db_timeout,
+        min_interval=settings.fast_failover_min_interval,
     )
 
 
@@ -140,14 +157,28 @@ async def _leadership(app: web.Application) -> AsyncIterator[None]:
         settings.provider_url, http, max_connections=settings.dispatch_concurrency
     )
     dispatch_stats = DispatchStats()
+    # Fast crash detection (app.failover): the leader holds its liveness lock beside the
+    # dispatcher; every replica's detector waits on the current leader's.
+    beacon = LivenessBeacon(
+        settings.database_url, settings.fence_name, settings.node_id, settings.db_timeout
+    )
     # Data flows one way: the elector publishes terms; the dispatch side leads each one.
-    leader = DispatchLeader(settings, leader_engine, provider, dispatch_stats, app[METRICS])
+    leader = DispatchLeader(
+        settings,
+        leader_engine,
+        provider,
+        dispatch_stats,
+        app[METRICS],
+        companions=(beacon,) if settings.fast_failover else (),
+    )
     elector = Elector(config, client, leader, watchdog)
     observer = LeaderObserver(config, client)
+    detector = CrashDetector(detector_config(settings), client, observer)
     app[WATCHDOG] = watchdog
     app[ELECTOR] = elector
     app[OBSERVER] = observer
     app[DISPATCH_STATS] = dispatch_stats
+    app[FAILOVER_STATS] = detector.stats
     app[STATUS_COUNTS] = StatusCounts(app[ENGINE], settings.readyz_timeout)
     app[METRICS].add_collector(
         functools.partial(collect_replica, elector, watchdog, dispatch_stats, app[STATUS_COUNTS])
@@ -156,9 +187,14 @@ async def _leadership(app: web.Application) -> AsyncIterator[None]:
     tasks = [
         asyncio.create_task(watchdog.run(), name="loop-watchdog"),
         asyncio.create_task(observer.run(), name="leader-observer"),
-        asyncio.create_task(elector.run(), name="elector"),
     ]
+    if settings.fast_failover:
+        tasks.append(asyncio.create_task(detector.run(), name="crash-detector"))
+    # The elector last: _resign_and_wait awaits app[TASKS][-1].
+    tasks.append(asyncio.create_task(elector.run(), name="elector"))
     app[TASKS] = tasks
+    # Shutdown begins → hand leadership over at once, while the listener still answers 503s.
+    app[LIFECYCLE].on_stopping.append(elector.resign)
     try:
         yield
     finally:
@@ -232,6 +268,11 @@ async def serve(settings: Settings, app: web.Application | None = None) -> None:
         )
         await stop.wait()
         log.info("stop signal received; shutting down")
+        # Not ready and 503 from this instant, leadership handed over at once; the listener
+        # stays open for the drain so that a load balancer's next health check sees it
+        # (and retries what it sent meanwhile) before connections are refused.
+        await app[LIFECYCLE].begin_shutdown()
+        await asyncio.sleep(settings.shutdown_drain)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

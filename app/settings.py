@@ -98,6 +98,18 @@ class Settings(BaseSettings):
     etcd_timeout: float = Field(
         1.0, gt=0, description="Upper bound in seconds for one etcd call made by a follower."
     )
+    fast_failover: bool = Field(
+        True,
+        description="Followers take over from a crashed leader before its lease expires, "
+        "on two signals: its Postgres liveness lock released and its address refusing "
+        "connections (README 'Fast crash detection').",
+    )
+    fast_failover_min_interval: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds a replica waits after one fast takeover before it may make "
+        "another; meanwhile crashes go the lease path.",
+    )
 
     # --- etcd security (see README "etcd with TLS and auth") ----------------------------
     etcd_ca_file: Path | None = Field(
@@ -181,6 +193,13 @@ class Settings(BaseSettings):
     )
     shutdown_grace: float = Field(
         2.0, ge=0, description="Seconds a stopping leader waits for in-flight provider calls."
+    )
+    shutdown_drain: float = Field(
+        0.5,
+        ge=0,
+        le=30,
+        description="Seconds a stopping replica keeps its listener open while answering 503 "
+        "(and failing /readyz), so a load balancer stops sending before the socket closes.",
     )
 
     test_hooks: bool = Field(

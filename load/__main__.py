@@ -16,15 +16,17 @@ import sys
 from pathlib import Path
 
 from app.stack.local import LocalStack
+from app.stack.netns import netns_unavailable
 from app.stack.target import Target
 from load.demo import Progress, render_verdict
+from load.partitions import PARTITION_SCENARIOS, run_partition_cli
 from load.scenario import ALL_FAULTS, ScenarioResult, observed_leader, run_scenario
 from load.scenarios import SCENARIOS
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m load", description=__doc__)
-    parser.add_argument("scenario", choices=sorted(SCENARIOS))
+    parser.add_argument("scenario", choices=sorted(SCENARIOS | PARTITION_SCENARIOS))
     parser.add_argument("--rate", type=float, default=300.0, help="payments per second")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of load")
     parser.add_argument("--kills", type=int, default=3, help="faults for repeating scenarios")
@@ -32,6 +34,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1, help="seed of the chaos mix")
     parser.add_argument("--report", type=Path, help="write the JSON report here")
     parser.add_argument("--settle-timeout", type=float, default=60.0)
+    partitions = parser.add_argument_group("partition scenarios (root: network namespaces)")
+    partitions.add_argument("--hold", type=float, default=8.0, help="seconds a cut holds")
+    partitions.add_argument("--flap-for", type=float, default=15.0, help="seconds of flapping")
+    partitions.add_argument("--steps", type=int, default=4, help="partitions of partition-chaos")
+    partitions.add_argument(
+        "--keep-dir", type=Path, help="keep the stack's logs and data here (to read after a run)"
+    )
     remote = parser.add_argument_group("a running deployment instead of the local stack")
     remote.add_argument(
         "--target",
@@ -67,7 +76,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def print_report(result: ScenarioResult, args: argparse.Namespace) -> None:
-    report = {"scenario": args.scenario, **result.report()}
+    report = {"scenario": args.scenario, "status": "done", **result.report()}
     render_verdict(result, sys.stdout)
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
@@ -101,6 +110,8 @@ async def _run(target: Target, args: argparse.Namespace, faults: list[str]) -> S
         faults=faults,
         settle_timeout=args.settle_timeout,
         on_sample=Progress(sys.stdout),
+        # The report file fills in as the run goes: a killed run still leaves its figures.
+        progress_path=args.report,
     )
 
 
@@ -148,8 +159,44 @@ async def run_local(args: argparse.Namespace, faults: list[str]) -> ScenarioResu
         await asyncio.to_thread(stack.stop)
 
 
+def run_partitions(args: argparse.Namespace) -> int:
+    """A partition scenario (load/partitions.py): its own stack, report and exit code."""
+    reason = netns_unavailable()
+    if reason is not None:
+        raise SystemExit(
+            f"{args.scenario} needs Linux network namespaces, which cannot be made here: "
+            f"{reason}. Run it as root on Linux with iproute2 installed."
+        )
+    result, report = asyncio.run(
+        run_partition_cli(
+            args.scenario,
+            rate=args.rate,
+            replicas=args.replicas,
+            hold=args.hold,
+            flap_for=args.flap_for,
+            chaos_steps=args.steps,
+            seed=args.seed,
+            settle_timeout=args.settle_timeout,
+            say=lambda s: print(f"· {s}", flush=True),
+            keep_dir=args.keep_dir,
+        )
+    )
+    render_verdict(result, sys.stdout)
+    text = json.dumps(report, indent=2)
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(text + "\n")
+        print(f"report: {args.report}")
+    print(text)
+    return 0 if result.verdict.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.scenario in PARTITION_SCENARIOS:
+        if args.target:
+            raise SystemExit("partition scenarios run on their own partitioned local stack")
+        return run_partitions(args)
     faults = SCENARIOS[args.scenario].plan(args.kills, args.seed)
     assert all(f in ALL_FAULTS for f in faults)
     runner = run_remote if args.target else run_local

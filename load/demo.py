@@ -75,9 +75,15 @@ def render_verdict(result: ScenarioResult, out: TextIO) -> None:
         out.write(f"  {key:<22} {report[key]}\n")
     latency = report["ingest_latency_ms"]
     out.write(f"  {'ingest latency ms':<22} p50 {latency['p50']}  p99 {latency['p99']}\n")
+    out.write(f"  {'client errors':<22} {report['client_errors']}\n")
+    steady = report["ingest_p99_steady_ms"]
     for failover in report["failovers"]:
         seconds = "n/a" if failover["seconds"] is None else f"{failover['seconds']:.3f}s"
-        out.write(f"  failover {failover['fault']:<13} {seconds}\n")
+        out.write(
+            f"  failover {failover['fault']:<13} {seconds:<8} ingest p99 "
+            f"{failover['ingest_p99_ms']} ms in its {failover['window_s']}s window "
+            f"(steady {steady} ms), client errors {failover['client_errors']}\n"
+        )
 
 
 def write_outputs(output: Path, result: ScenarioResult) -> None:
@@ -95,6 +101,8 @@ def write_outputs(output: Path, result: ScenarioResult) -> None:
         "stuck",
         "stale_writes_rejected",
         "throughput_per_s",
+        "client_errors",
+        "ingest_p99_steady_ms",
     )
     (output / "timeline.html").write_text(
         timeline_html(
@@ -103,6 +111,7 @@ def write_outputs(output: Path, result: ScenarioResult) -> None:
             result.samples,
             result.failovers,
             {key: report[key] for key in summary_keys},
+            per_second=result.per_second(),
         )
     )
 

@@ -27,7 +27,7 @@ import structlog
 
 from app.dispatch import reconcile
 from app.dispatch.provider import ProviderClient
-from app.domain.outcome import Charge
+from app.domain.outcome import Charge, storable_text
 from app.domain.payment import Claimed, Outcome
 from app.domain.retry import RetryPolicy
 from app.domain.states import PaymentStatus
@@ -65,6 +65,10 @@ CLAIM_GAP = 0.01
 # Expired provider keys are never claimed (the claim filters them); moving them to
 # needs_reconciliation is bookkeeping, done this often rather than on every claim.
 PARK_INTERVAL = 5.0
+# Seconds between checks for rows in flight under our token that no call of ours holds.
+UNTRACKED_EVERY = 30.0
+# Longest a reconcile pass may take; the next pass resumes where it stopped.
+SWEEP_BUDGET = 30.0
 
 
 @dataclass
@@ -145,6 +149,9 @@ class Dispatcher:
         self._claimed: set[int] = set()  # in flight under our token, not yet recorded
         self._lost: LeadershipLost | None = None  # set by a call that found the term over
         self._outage_since: float | None = None  # monotonic start of a Postgres outage
+        self._claim_unsure = False  # a claim failed: it may have committed unseen
+        self._untracked_checked = time.monotonic()
+        self._sweep_after = 0  # where the next reconcile pass resumes
 
     # --- the term -------------------------------------------------------------------------
 
@@ -214,6 +221,8 @@ class Dispatcher:
                     # Keep the lease through a short Postgres outage: no progress is
                     # recorded, so DispatchLeader ends the term if it lasts past the stall
                     # limit (a leader cut off from Postgres must let another one lead).
+                    # The claim may have committed with its answer lost: check next time.
+                    self._claim_unsure = True
                     self._outage(exc)
                     await asyncio.sleep(OUTAGE_RETRY)
                     continue
@@ -225,8 +234,7 @@ class Dispatcher:
                     self._claimed_at = -CLAIM_GAP
                     continue  # more may be waiting: claim again without sleeping
                 self._claimed_at = time.monotonic()
-            else:
-                self.last_progress = time.monotonic()  # every slot busy: calls are the work
+
             waiters = [
                 asyncio.ensure_future(self._wake.wait()),
                 asyncio.ensure_future(self.leadership.stopping.wait()),
@@ -267,12 +275,35 @@ class Dispatcher:
 
     async def _claim(self, limit: int) -> list[Claimed]:
         horizon = self.retry.horizon.total_seconds()
-        if time.monotonic() - self._parked_at >= PARK_INTERVAL:
+        now = time.monotonic()
+        # After a failed claim (it may have committed unseen), and now and then anyway: a row
+        # in flight under our token that no call of ours holds must not wait for the next
+        # leader to be recovered. Same task as the claims, so none is under way meanwhile.
+        check_untracked = self._claim_unsure or now - self._untracked_checked > UNTRACKED_EVERY
+        park = now - self._parked_at >= PARK_INTERVAL
+        orphans: list[int] = []
+        parked: list[int] = []
+        if check_untracked or park:
             timeout = self.leadership.call_timeout(self.settings.db_timeout)
             async with self.fenced.transaction(timeout) as conn:
-                parked = await payments.park_expired(conn, token=self.token, horizon=horizon)
-            self._parked_at = time.monotonic()
-            self._parked(parked)
+                if check_untracked:
+                    orphans = await payments.release_untracked(
+                        conn, token=self.token, known=self._claimed
+                    )
+                if park:
+                    parked = await payments.park_expired(conn, token=self.token, horizon=horizon)
+            if check_untracked:
+                self._claim_unsure = False
+                self._untracked_checked = time.monotonic()
+            if park:
+                self._parked_at = time.monotonic()
+        if orphans:
+            log.warning(
+                "token %s: re-queued %d payments claimed by a transaction whose answer was lost",
+                self.token,
+                len(orphans),
+            )
+        self._parked(parked)
         timeout = self.leadership.call_timeout(self.settings.db_timeout)
         claimed = await self._claim_lane.claim(limit=limit, horizon=horizon, timeout=timeout)
         if claimed:
@@ -398,7 +429,7 @@ class Dispatcher:
             status,
             attempt_outcome,
             charge_id,
-            error[:500] if error else None,
+            storable_text(error)[:500] if error else None,
             http_status,
             delay,
             started,
@@ -439,6 +470,9 @@ class Dispatcher:
                     await asyncio.sleep(OUTAGE_RETRY)
                     continue
                 self._back()
+                # Recording is progress too: with every slot busy no claim runs, and a leader
+                # whose writes all fail must still reach its stall limit.
+                self.last_progress = time.monotonic()
                 break
 
     async def _flush_outcomes(self) -> None:
@@ -545,12 +579,15 @@ class Dispatcher:
                     log.exception("token %s: reconcile sweep failed; retrying", self.token)
 
     async def _reconcile_once(self) -> None:
-        await reconcile.sweep(
+        swept = await reconcile.sweep(
             self.engine,
             self.provider,
             lookup_timeout=lambda: self.leadership.call_timeout(self.settings.provider_timeout),
             settle=self._settle_reconciled,
+            after=self._sweep_after,
+            budget=SWEEP_BUDGET,
         )
+        self._sweep_after = swept.resume_after
 
     async def _settle_reconciled(self, settlement: reconcile.Settlement) -> bool:
         """The leader's way of writing a settlement: a fenced write stamped with our token."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from app.dispatch.dispatcher import OUTAGE_RETRY, Dispatcher, DispatchStats
@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 
 # How long leaving a term may wait for the dispatcher's final (fenced, bounded) writes.
 LEAVE_BOUND = 10.0
+
+# Work run beside the dispatcher while a term acts (the liveness beacon of app.failover):
+# started once the fence is raised, cancelled and awaited when the term ends. It must not
+# end the term by returning or raising; if it does, that is logged and ignored.
+Companion = Callable[[Term], Coroutine[Any, Any, None]]
 
 
 def stall_limit(settings: Settings) -> float:
@@ -45,8 +50,10 @@ class DispatchLeader:
         provider: ProviderClient,
         stats: DispatchStats,
         metrics: Metrics,
+        companions: Sequence[Companion] = (),
     ) -> None:
         self.settings = settings
+        self.companions = tuple(companions)
         self.engine = engine
         self.provider = provider
         self.stats = stats
@@ -58,10 +65,21 @@ class DispatchLeader:
         await self._raise_fence(term)
         term.ensure_valid()
         term.begin_acting()
+        companions = [
+            asyncio.create_task(_companion(run, term), name="leader-companion")
+            for run in self.companions
+        ]
         dispatcher = Dispatcher(
             settings, self.engine, self.provider, term, self.stats, self.metrics
         )
-        await run_watched(dispatcher.run(), lambda: dispatcher.last_progress, stall_limit(settings))
+        try:
+            await run_watched(
+                dispatcher.run(), lambda: dispatcher.last_progress, stall_limit(settings)
+            )
+        finally:
+            for task in companions:
+                task.cancel()
+            await asyncio.gather(*companions, return_exceptions=True)
 
     async def _raise_fence(self, term: Term) -> None:
         """Fence older leaders out before anything else. While Postgres does not answer, keep
@@ -96,6 +114,15 @@ class DispatchLeader:
                         exc,
                     )
                 await asyncio.sleep(OUTAGE_RETRY)
+
+
+async def _companion(run: Companion, term: Term) -> None:
+    try:
+        await run(term)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("token %s: work beside the dispatcher failed (the term goes on)", term.token)
 
 
 async def run_watched(

@@ -14,6 +14,7 @@ or an operator write stamped with the fence's current token), which each passes 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -76,37 +77,51 @@ async def reconcile_one(
     return Reconciled(settlement, applied=await settle(settlement))
 
 
+@dataclass(frozen=True, slots=True)
+class Swept:
+    """What one pass of the sweep did, and where the next pass starts."""
+
+    settled: int
+    resume_after: int  # the next pass starts after this id (0: from the beginning)
+
+
 async def sweep(
     engine: Engine,
     provider: ProviderClient,
     *,
     lookup_timeout: Callable[[], float],
     settle: Settle,
+    after: int = 0,
+    budget: float = 30.0,
     page: int = PAGE,
-) -> int:
-    """One pass of the leader's sweep over every candidate, by id; how many it settled.
+) -> Swept:
+    """One pass of the leader's sweep over the candidates after id ``after``, by id.
 
     A candidate nothing in the ledger settles is left for an operator; a failed lookup is
-    skipped (logged) and retried on the next pass — neither holds up the rows behind it.
-    ``lookup_timeout`` is asked before every lookup, so the leader can bound each one by its
-    remaining validity (and raise when none is left).
+    skipped (logged) and retried on a later pass — neither holds up the rows behind it. A
+    pass stops after ``budget`` seconds and the next one resumes where it stopped, so a
+    slow ledger or a long list never blocks the sweep for long, and every candidate is
+    reached in turn. ``lookup_timeout`` is asked before every lookup, so the leader can
+    bound each one by its remaining validity (and raise when none is left).
     """
+    stop_at = time.monotonic() + budget
     settled = 0
-    after = 0
     while True:
         async with engine.connect() as conn:
             candidates = await payments.reconcile_candidates(conn, after=after, limit=page)
         for candidate in candidates:
+            if time.monotonic() >= stop_at:
+                return Swept(settled, resume_after=after)
             try:
                 done = await reconcile_one(
                     provider, candidate, timeout=lookup_timeout(), settle=settle
                 )
             except ProviderError as exc:
                 log.warning("reconcile of payment %s deferred: %s", candidate.id, exc)
-                continue
-            settled += done.applied
-            if done.why is not None:
-                log.debug("payment %s not reconciled: %s", candidate.id, done.why)
+            else:
+                settled += done.applied
+                if done.why is not None:
+                    log.debug("payment %s not reconciled: %s", candidate.id, done.why)
+            after = candidate.id
         if len(candidates) < page:
-            return settled
-        after = candidates[-1].id
+            return Swept(settled, resume_after=0)  # the end: the next pass starts over

@@ -65,14 +65,33 @@ def decode_body(raw: bytes) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def storable_text(text: str) -> str:
+    """``text`` as Postgres text can hold it: no NUL, no unpaired surrogate (a provider's
+    words are stored in last_error; one bad byte must not fail a whole batch of writes)."""
+    return (
+        text.replace("\x00", "\N{REPLACEMENT CHARACTER}").encode("utf-8", "replace").decode("utf-8")
+    )
+
+
+def _is_charge_id(value: object) -> bool:
+    """A charge id we can store and quote: a short, printable, encodable string."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_ID_LENGTH
+        and value.isprintable()
+        and storable_text(value) == value
+    )
+
+
 def parse_charge(payload: dict[str, Any], http_status: int) -> Charge | None:
     """A charge object as a Charge, or None when it is not a well-formed charge."""
     charge_id = payload.get("id")
     status = payload.get("status")
     if http_status == 402 and status is None:
         status = "declined"
-    if not isinstance(charge_id, str) or not 0 < len(charge_id) <= MAX_ID_LENGTH:
+    if not _is_charge_id(charge_id):
         return None
+    assert isinstance(charge_id, str)
     if status not in CHARGE_STATUSES or (http_status == 402 and status != "declined"):
         return None
     decline_code = payload.get("decline_code")
@@ -80,7 +99,7 @@ def parse_charge(payload: dict[str, Any], http_status: int) -> Charge | None:
     return Charge(
         charge_id=charge_id,
         status=str(status),
-        decline_code=decline_code if isinstance(decline_code, str) else None,
+        decline_code=storable_text(decline_code)[:100] if isinstance(decline_code, str) else None,
         http_status=http_status,
         amount=payload.get("amount"),
         currency=payload.get("currency"),
@@ -173,13 +192,19 @@ def charge_from_ledger(payload: dict[str, Any], provider_key: str) -> Charge | N
     items = payload.get("data")
     if not isinstance(items, list):
         raise UnknownOutcome("the provider's ledger answered without a list of charges")
+    if any(not isinstance(i, dict) or i.get("idempotency_key") != provider_key for i in items):
+        # Asked for one key, answered with others: the filter was not applied, so a missing
+        # charge under our key would prove nothing.
+        raise UnknownOutcome(
+            f"the provider's ledger answered a lookup of key {provider_key} with other charges"
+        )
     for item in items:
         if isinstance(item, dict) and item.get("idempotency_key") == provider_key:
             charge = parse_charge(item, 200)
             if charge is not None:
                 return charge
             status = item.get("status")
-            if isinstance(item.get("id"), str) and item["id"] and status not in CHARGE_STATUSES:
+            if _is_charge_id(item.get("id")) and status not in CHARGE_STATUSES:
                 raise UnprovenCharge(
                     f"the provider's charge {item['id']} under key {provider_key} has status "
                     f"{status!r}, which proves neither a success nor a decline"

@@ -141,18 +141,15 @@ class ChargeRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class Claimed:
-    """A payment this leader has stamped in_flight."""
+class SentTerms:
+    """What identifies a payment to the provider and what it asks it to charge: the same on
+    every attempt, and what a charge found or answered must match."""
 
     id: int
-    idempotency_key: str  # the client's key: for log lines, never sent to the provider
     provider_key: str
-    provider_key_issued_at: datetime
     amount: int
     currency: str
     reference: str | None
-    attempts: int
-    created_at: datetime
 
     def request(self) -> ChargeRequest:
         """The provider request: identical on every attempt of this payment."""
@@ -163,6 +160,16 @@ class Claimed:
             reference=self.reference,
             payment_id=self.id,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed(SentTerms):
+    """A payment this leader has stamped in_flight."""
+
+    idempotency_key: str  # the client's key: for log lines, never sent to the provider
+    provider_key_issued_at: datetime
+    attempts: int
+    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,22 +189,6 @@ class Outcome:
 
 
 @dataclass(frozen=True, slots=True)
-class ReconcileCandidate:
+class ReconcileCandidate(SentTerms):
     """A needs_reconciliation payment, as reconciliation looks it up in the provider's ledger
     and checks what it finds there."""
-
-    id: int
-    provider_key: str
-    amount: int
-    currency: str
-    reference: str | None
-
-    def request(self) -> ChargeRequest:
-        """What was sent for this payment: the charge found must match it."""
-        return ChargeRequest(
-            provider_key=self.provider_key,
-            amount=self.amount,
-            currency=self.currency,
-            reference=self.reference,
-            payment_id=self.id,
-        )

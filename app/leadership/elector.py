@@ -259,6 +259,10 @@ class Elector:
             return
         if self._term_end.is_set() and not task.done():
             term.stopping.set()
+            # Hand over first, then drain: a follower leads after one etcd round trip
+            # instead of after our slowest provider call. What we can no longer record once
+            # it has raised the fence, it recovers and re-sends under the same provider key.
+            await self._revoke(term.lease_id, "handing over")
             grace = min(self.config.shutdown_grace, max(0.0, term.remaining()))
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(task), grace)
@@ -281,11 +285,17 @@ class Elector:
         keep-alive thread (closing its channel can take a moment; the handover must not
         wait for it)."""
         try:
-            await self.client.revoke_lease(lease_id, timeout=self.config.etcd_timeout)
-        except (EtcdUnavailable, TimeoutError) as exc:
-            log.warning("could not revoke lease %x (it will expire): %s", lease_id, exc)
+            await self._revoke(lease_id, "ending the session")
         finally:
             await keepalive.stop()
+
+    async def _revoke(self, lease_id: int, why: str) -> None:
+        """Revoke ``lease_id`` (an unknown lease is fine); failures are logged, not raised:
+        the lease then expires by itself."""
+        try:
+            await self.client.revoke_lease(lease_id, timeout=self.config.etcd_timeout)
+        except (EtcdUnavailable, TimeoutError) as exc:
+            log.warning("could not revoke lease %x %s (it will expire): %s", lease_id, why, exc)
 
     async def _wait_for_predecessors(self, my_revision: int) -> None:
         """Block until no candidate key older than ours remains (etcd's waitDeletes)."""

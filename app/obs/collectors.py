@@ -80,6 +80,11 @@ def collect_replica(
         "How long the longest-waiting needs_reconciliation payment has waited (NaN: none).",
         counts.oldest_unreconciled(),
     )
+    yield gauge(
+        "paydispatch_oldest_pending_seconds",
+        "Age of the oldest payment accepted but not yet settled (pending or in flight; NaN: none).",
+        counts.oldest_pending(),
+    )
     cached = counts.cached()
     if cached:
         family = GaugeMetricFamily(

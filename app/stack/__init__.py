@@ -1,4 +1,6 @@
-"""The local stack: real etcd, PostgreSQL, provider and replica processes on loopback."""
+"""The local stack: real etcd, PostgreSQL, provider and replica processes on loopback — or,
+partitioned, each in its own network namespace on one bridge (:mod:`app.stack.netns`), with a
+nemesis that cuts links between them (:mod:`app.stack.nemesis`)."""
 
 from __future__ import annotations
 

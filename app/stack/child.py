@@ -22,6 +22,10 @@ class ChildProcess:
 
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    # The address it serves on, and what runs it inside its network namespace (the
+    # partitioned stack: app.stack.netns); loopback and nothing by default.
+    host: str = "127.0.0.1"
+    exec_prefix: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -31,7 +35,7 @@ class ChildProcess:
     @property
     def url(self) -> str:
         """Base URL of the child's HTTP endpoint."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -47,7 +51,7 @@ class ChildProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                list(args),
+                [*self.exec_prefix, *args],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -248,6 +248,10 @@ class EtcdMember:
     binary: Path = field(default_factory=find_etcd_binary)
     tls: EtcdTls | None = None
     auth_token_ttl: int | None = None
+    # The partitioned stack (app.stack.netns): its own address and the command prefix that
+    # runs it in its namespace.
+    host: str = LOOPBACK
+    exec_prefix: list[str] = field(default_factory=list)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     # True between start() and a deliberate kill()/stop(): a member that should run but has
     # exited is a failure to report, a deliberately killed one is not.
@@ -266,7 +270,7 @@ class EtcdMember:
     @property
     def endpoint(self) -> str:
         """Client endpoint as ``127.0.0.1:port`` (the form PAYDISPATCH_ETCD_ENDPOINTS uses)."""
-        return f"{LOOPBACK}:{self.client_port}"
+        return f"{self.host}:{self.client_port}"
 
     @property
     def client_url(self) -> str:
@@ -279,7 +283,7 @@ class EtcdMember:
     @property
     def peer_url(self) -> str:
         """Peer (raft) URL ``http://127.0.0.1:port``."""
-        return f"http://{LOOPBACK}:{self.peer_port}"
+        return f"http://{self.host}:{self.peer_port}"
 
     @property
     def pid(self) -> int | None:
@@ -316,7 +320,11 @@ class EtcdMember:
             }
         if self.auth_token_ttl is not None:
             flags["--auth-token-ttl"] = str(self.auth_token_ttl)
-        return [str(self.binary), *(f"{flag}={value}" for flag, value in flags.items())]
+        return [
+            *self.exec_prefix,
+            str(self.binary),
+            *(f"{flag}={value}" for flag, value in flags.items()),
+        ]
 
     def start(self) -> None:
         """Start the server (returns at once; use :meth:`wait_healthy` to wait for it)."""
@@ -486,7 +494,11 @@ class EtcdCluster:
         *,
         tls: EtcdTls | None = None,
         auth: EtcdAuth | None = None,
+        placement: list[tuple[str, list[str]]] | None = None,
     ) -> None:
+        """``placement``: per member, its address and the command prefix that runs it in
+        its own network namespace (the partitioned stack); default: all on loopback."""
+        self.placement = placement
         self.size = size
         self.name = name
         self.tls = tls
@@ -593,8 +605,12 @@ class EtcdCluster:
         ports = free_ports(2 * size)
         names = [f"{self.name}{i}" for i in range(size)]
         peers = ports[size:]
+        placement = self.placement or [(LOOPBACK, [])] * size
+        if len(placement) != size:
+            raise ValueError(f"placement names {len(placement)} members, the cluster has {size}")
         initial_cluster = ",".join(
-            f"{n}=http://{LOOPBACK}:{p}" for n, p in zip(names, peers, strict=True)
+            f"{n}=http://{host}:{p}"
+            for n, p, (host, _) in zip(names, peers, placement, strict=True)
         )
         self.members = [
             EtcdMember(
@@ -607,8 +623,10 @@ class EtcdCluster:
                 binary=binary,
                 tls=self.tls,
                 auth_token_ttl=self.auth.token_ttl if self.auth is not None else None,
+                host=host,
+                exec_prefix=list(prefix),
             )
-            for n, c, p in zip(names, ports[:size], peers, strict=True)
+            for n, c, p, (host, prefix) in zip(names, ports[:size], peers, placement, strict=True)
         ]
         try:
             # Start all before waiting: a member of a multi-member cluster is healthy only

@@ -4,33 +4,71 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from app.ops.client import http_json
 from app.stack import StackError
 from app.stack.child import ChildProcess
 
+# The availability settings, shared word for word with docker-compose.yml's haproxy.cfg
+# (tests/integration/test_deploy_files.py holds them equal). Why each one:
+# - retry-on: a request that met a refused or reset connection, an empty answer, no answer
+#   within `timeout server`, or a 503 (a replica shutting down, or one without Postgres)
+#   is sent again — to another replica (redispatch on every retry). Safe for POST because
+#   every payment carries its Idempotency-Key: a replay of an insert that did land returns
+#   the same payment. L7 retries need the whole request in haproxy's buffer first
+#   (http-buffer-request; bodies are ≤ 16 KiB, within tune.bufsize).
+# - timeout server 2s: ingest answers in milliseconds; a paused (SIGSTOPped) replica accepts
+#   connections and answers nothing, so this is how long a request waits before going
+#   elsewhere. timeout connect 500ms: a refused connection fails at once anyway.
+# - checks every 250 ms on /readyz, which fails from the first instant of a shutdown; a
+#   connection error, a timeout or a 5xx on live traffic marks the server down at once
+#   (observe layer7), two good checks bring it back. Three failed checks (1 s each) are
+#   needed otherwise: on a busy 2-core box a healthy replica's check can be slow.
+# - every replica is listed twice: checked, and again as an unchecked backup. When checks
+#   have (wrongly, or during a burst of faults) marked every replica down, haproxy would
+#   answer 503 itself; the backups keep requests flowing to whatever still answers, and
+#   the retries above skip the ones that do not.
+DEFAULTS = """\
+    timeout connect 500ms
+    timeout server 2s
+    timeout check 1s
+    retries 3
+    option redispatch 1
+    retry-on conn-failure empty-response response-timeout 503
+    option http-buffer-request"""
+
+BACKEND = (
+    "    balance roundrobin\n"
+    "    option httpchk GET /readyz\n"
+    "    http-check expect status 200\n"
+    "    option allbackups\n"
+    "    default-server inter 250ms fastinter 100ms downinter 250ms fall 3 rise 2"
+    " observe layer7 error-limit 1 on-error mark-down"
+)
+
 CONFIG = """\
 global
     maxconn 4096
+    log stderr format raw local0 info
 
 defaults
     mode http
-    timeout connect 1s
+    log global
+    option httplog
+    option dontlognull
     timeout client 30s
-    timeout server 30s
-    retries 2
-    option redispatch
+    timeout http-request 10s
+    timeout queue 5s
+{defaults}
 
 frontend api
-    bind 127.0.0.1:{port}
+    bind {host}:{port}
     default_backend replicas
 
 backend replicas
-    balance roundrobin
-    option httpchk GET /readyz
-    default-server inter 500ms fall 2 rise 1
+{backend}
 {servers}
 """
 
@@ -46,6 +84,8 @@ class HaproxyProcess(ChildProcess):
 
     base_dir: Path
     backends: list[tuple[str, int]]  # (name, port)
+    # name → address of a backend that does not serve on 127.0.0.1 (the partitioned stack)
+    backend_hosts: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -68,10 +108,22 @@ class HaproxyProcess(ChildProcess):
         if binary is None:
             raise StackError("haproxy is not on PATH")
         self.base_dir.mkdir(parents=True, exist_ok=True)
+        backends = [
+            (name, self.backend_hosts.get(name, "127.0.0.1"), port) for name, port in self.backends
+        ]
         servers = "\n".join(
-            f"    server {name} 127.0.0.1:{port} check" for name, port in self.backends
+            [f"    server {name} {host}:{port} check" for name, host, port in backends]
+            + [f"    server {name}-spare {host}:{port} backup" for name, host, port in backends]
         )
-        self.config_path.write_text(CONFIG.format(port=self.port, servers=servers))
+        self.config_path.write_text(
+            CONFIG.format(
+                host=self.host,
+                port=self.port,
+                servers=servers,
+                defaults=DEFAULTS,
+                backend=BACKEND,
+            )
+        )
         check = subprocess.run(
             [binary, "-c", "-q", "-f", str(self.config_path)],
             capture_output=True,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -22,12 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypedDict
 
 from app.ops.client import http_json
 from app.stack import StackError
 from app.stack.etcd import EtcdCluster
 from app.stack.haproxy import HaproxyProcess, haproxy_binary
+from app.stack.netns import Network
 from app.stack.postgres import PostgresServer
 from app.stack.provider import ProviderProcess
 from app.stack.replica import ReplicaProcess
@@ -42,6 +44,34 @@ REPLICA_ROLE = "paydispatch_replica"
 REPLICA_USER = "paydispatch_app"
 
 
+def plan_network(etcd_members: int, replicas: int) -> Network:
+    """The partitioned stack's nodes: each etcd member, Postgres, the provider, each replica
+    and haproxy, in its own namespace (nothing is created until Network.create())."""
+    return Network(
+        [
+            *(f"etcd{i}" for i in range(etcd_members)),
+            "postgres",
+            "provider",
+            *(f"replica-{i + 1}" for i in range(replicas)),
+            "haproxy",
+        ]
+    )
+
+
+class Placement(TypedDict):
+    """Where a process runs: its address and the prefix that enters its namespace."""
+
+    host: str
+    exec_prefix: list[str]
+
+
+def placement(network: Network | None, node: str) -> Placement:
+    """``node``'s address and namespace prefix; loopback and none without a network."""
+    if network is None:
+        return {"host": "127.0.0.1", "exec_prefix": []}
+    return {"host": network.node(node).address, "exec_prefix": network.exec_prefix(node)}
+
+
 @dataclass
 class LocalStack:
     """Everything paydispatch needs, as real processes on 127.0.0.1."""
@@ -53,13 +83,35 @@ class LocalStack:
     use_haproxy: bool | None = None  # None: when haproxy is on PATH
     base_dir: Path | None = None
     say: Callable[[str], None] = log.info
+    # Every process in its own network namespace on one bridge, addressed by its private
+    # address (app.stack.netns), so the nemesis can cut links. Needs root.
+    partitioned: bool = False
 
     def __post_init__(self) -> None:
         self._owns_dir = self.base_dir is None
         self.dir = self.base_dir or Path(tempfile.mkdtemp(prefix="paydispatch-stack-"))
-        self.postgres = PostgresServer(base_dir=self.dir / "postgres")
-        self.etcd = EtcdCluster(size=self.etcd_members, base_dir=self.dir / "etcd")
-        self.provider = ProviderProcess(self.dir / "provider", dict(self.provider_settings))
+        self.network: Network | None = None
+        if self.partitioned:
+            self.network = plan_network(self.etcd_members, self.replicas)
+        place = functools.partial(placement, self.network)
+        self.postgres = PostgresServer(
+            base_dir=self.dir / "postgres",
+            **place("postgres"),
+            trusted_network=str(self.network.subnet) if self.network else None,
+        )
+        self.etcd = EtcdCluster(
+            size=self.etcd_members,
+            base_dir=self.dir / "etcd",
+            placement=[
+                (kw["host"], kw["exec_prefix"])
+                for kw in (place(f"etcd{i}") for i in range(self.etcd_members))
+            ]
+            if self.network
+            else None,
+        )
+        self.provider = ProviderProcess(
+            self.dir / "provider", dict(self.provider_settings), **place("provider")
+        )
         self.nodes: list[ReplicaProcess] = []
         # Fresh keys per stack: nothing secret is baked into the code or the demo.
         self.api_key = f"pd_{secrets.token_urlsafe(18)}"
@@ -103,9 +155,15 @@ class LocalStack:
         """Bring everything up, in dependency order. On failure, tears down what started."""
         try:
             self.say(f"stack directory {self.dir}")
+            if self.network is not None:
+                self.network.create()
+                self.say(
+                    f"network namespaces of run {self.network.run} on bridge "
+                    f"{self.network.bridge} ({self.network.subnet})"
+                )
             self.postgres.start()
             self._create_database()
-            self.say(f"postgres ready on 127.0.0.1:{self.postgres.port}")
+            self.say(f"postgres ready on {self.postgres.host}:{self.postgres.port}")
             self.etcd.start()
             self.say(f"etcd cluster of {self.etcd_members} ready: {self.etcd.endpoints_csv}")
             self.provider.start()
@@ -114,7 +172,12 @@ class LocalStack:
             self._migrate(env)
             self.say("schema migrated")
             self.nodes = [
-                ReplicaProcess(node_id=f"replica-{i + 1}", env=env, log_dir=self.dir / "replicas")
+                ReplicaProcess(
+                    node_id=f"replica-{i + 1}",
+                    env=env,
+                    log_dir=self.dir / "replicas",
+                    **placement(self.network, f"replica-{i + 1}"),
+                )
                 for i in range(self.replicas)
             ]
             for node in self.nodes:
@@ -129,7 +192,10 @@ class LocalStack:
             )
             if want_haproxy:
                 self.haproxy = HaproxyProcess(
-                    self.dir / "haproxy", [(n.node_id, n.port) for n in self.nodes]
+                    self.dir / "haproxy",
+                    [(n.node_id, n.port) for n in self.nodes],
+                    backend_hosts={n.node_id: n.host for n in self.nodes},
+                    **placement(self.network, "haproxy"),
                 )
                 self.haproxy.start()
                 self.say(f"haproxy load balancer at {self.haproxy.url}")
@@ -189,6 +255,10 @@ class LocalStack:
             self.etcd.stop()
         self.postgres.stop()
         left = self.running_pids()
+        if self.network is not None:
+            # After the processes: a namespace outlives its name while anything runs in it,
+            # and remove() kills whatever still does.
+            self.network.remove()
         if left:
             raise StackError(f"processes still running after stop: {left}")
         if self._owns_dir:

@@ -91,6 +91,11 @@ class PostgresServer:
     max_connections: int = 300
     process: subprocess.Popen[bytes] | None = None
     bindir: Path = field(default_factory=find_postgres_bindir)
+    # The partitioned stack (app.stack.netns): the address to listen on, the command prefix
+    # that runs the server in its namespace, and the network whose clients it trusts.
+    host: str = "127.0.0.1"
+    exec_prefix: list[str] = field(default_factory=list)
+    trusted_network: str | None = None
 
     @property
     def data_dir(self) -> Path:
@@ -105,7 +110,7 @@ class PostgresServer:
     def url(self, database: str = "postgres", user: str = "postgres") -> str:
         """A plain postgresql:// URL for ``database`` over TCP on loopback, as ``user``
         (trust authentication on loopback: no password)."""
-        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://{user}@{self.host}:{self.port}/{database}"
 
     @property
     def pid(self) -> int | None:
@@ -155,6 +160,11 @@ class PostgresServer:
         )
         if result.returncode != 0:
             raise StackError(f"initdb failed ({result.returncode}): {result.stderr.strip()}")
+        if self.trusted_network is not None:
+            # initdb trusts loopback only; the partitioned stack's clients come from its own
+            # private /24 (which has no route to anywhere else).
+            with (self.data_dir / "pg_hba.conf").open("a") as hba:
+                hba.write(f"host all all {self.trusted_network} trust\n")
 
     def start(self, timeout: float = 30.0) -> None:
         """Start the postmaster (initdb first if needed) and wait until it accepts queries."""
@@ -166,7 +176,7 @@ class PostgresServer:
         if user:
             os.chown(self.log_path, user.pw_uid, user.pw_gid)
         settings = {
-            "listen_addresses": "127.0.0.1",
+            "listen_addresses": self.host,
             "port": str(self.port),
             "unix_socket_directories": str(self.base_dir),
             "max_connections": str(self.max_connections),
@@ -181,6 +191,13 @@ class PostgresServer:
         # Its own session: a Ctrl-C in the terminal must not reach it before we stop it
         # cleanly, and killpg() can take the backends with it.
         uid, gid = self._run_as()
+        if self.exec_prefix:
+            # `ip netns exec` needs root: it enters the namespace, then setpriv drops to the
+            # service user. Both exec, so the pid we hold is the postmaster's.
+            if uid is not None:
+                args = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *args]
+            args = [*self.exec_prefix, *args]
+            uid = gid = None
         self.process = subprocess.Popen(
             args,
             stdout=log,
@@ -208,7 +225,7 @@ class PostgresServer:
                     str(self.bindir / "pg_isready"),
                     "-q",
                     "-h",
-                    "127.0.0.1",
+                    self.host,
                     "-p",
                     str(self.port),
                     "-U",

@@ -41,7 +41,7 @@ class ProviderProcess(ChildProcess):
         settings = {
             **self.settings,
             "ledger_path": self.ledger_path,
-            "host": "127.0.0.1",
+            "host": self.host,
             "port": self.port,
         }
         self._spawn([sys.executable, "-m", "app.sandbox"], sandbox_env(settings))

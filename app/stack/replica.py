@@ -45,7 +45,7 @@ class ReplicaProcess(ChildProcess):
             **os.environ,
             **self.env,
             "PAYDISPATCH_NODE_ID": self.node_id,
-            "PAYDISPATCH_HOST": "127.0.0.1",
+            "PAYDISPATCH_HOST": self.host,
             "PAYDISPATCH_PORT": str(self.port),
             "PYTHONUNBUFFERED": "1",
         }

@@ -12,8 +12,9 @@ Bind/Execute/Sync in one message), run as its own implicit transaction:
   token on every row written, both under the fence row's share lock until commit: a stale
   leader's statement fails as a whole (SQLSTATE PDF01 → StaleLeader), exactly as before;
 - claim and record keep their guards: only due, unexpired, pending rows are claimed
-  (``FOR UPDATE SKIP LOCKED``); only rows still in flight under this token are recorded;
-  attempt rows are appended once (a retried batch is harmless).
+  (``FOR UPDATE SKIP LOCKED``); only rows still in flight under this token, at the attempt
+  the outcome belongs to, are recorded; attempt rows are appended once (a retried batch is
+  harmless).
 
 The park sweep (expired provider keys → needs_reconciliation) is not on this path: the claim
 never takes an expired key anyway, so parking them is bookkeeping that runs every few
@@ -71,9 +72,13 @@ WITH updated AS (
                             THEN now() ELSE NULL END,
         fence_token = $2::bigint,
         updated_at = now()
-    FROM unnest($4::bigint[], $6::text[], $7::text[], $8::text[], $9::float8[])
-         AS v(id, status, charge_id, error, delay)
+    FROM unnest($4::bigint[], $5::integer[], $6::text[], $7::text[], $8::text[],
+                $9::float8[])
+         AS v(id, attempt, status, charge_id, error, delay)
+    -- The attempt must be the row's current one: a batch retried after its commit was lost
+    -- must not overwrite the outcome of a later call of the same payment.
     WHERE p.id = v.id AND p.status = 'in_flight' AND p.fence_token = $2::bigint
+      AND p.attempts = v.attempt
     RETURNING p.id
 ),
 attempts AS (
@@ -146,8 +151,9 @@ class LeaderLane:
     async def record(self, *, node: str, outcomes: Sequence[Outcome], timeout: float) -> None:
         """Record a batch of call outcomes and one attempt row each, in one statement.
 
-        Only payments still in flight under our token change; attempt rows are appended
-        once (a repeated attempt number is ignored, so a retried batch is harmless).
+        Only payments still in flight under our token at the outcome's attempt change;
+        attempt rows are appended once (a repeated attempt number is ignored, so a retried
+        batch is harmless).
         """
         await self._fetch(
             timeout,

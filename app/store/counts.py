@@ -21,6 +21,7 @@ class StatusCounts:
         self._at = 0.0
         self._value: dict[str, int] = {}
         self._oldest_unreconciled: float | None = None
+        self._oldest_pending: float | None = None
         self._lock = asyncio.Lock()
 
     def cached(self) -> dict[str, int]:
@@ -32,6 +33,11 @@ class StatusCounts:
         read (None: none waits, or nothing read yet)."""
         return self._oldest_unreconciled
 
+    def oldest_pending(self) -> float | None:
+        """Seconds the oldest payment still pending or in flight had waited since it was
+        accepted, at the last read (None: the queue was empty, or nothing read yet)."""
+        return self._oldest_pending
+
     async def counts(self) -> dict[str, int]:
         """Fresh enough counts; concurrent callers share one query."""
         async with self._lock:
@@ -39,7 +45,9 @@ class StatusCounts:
                 async with asyncio.timeout(self.timeout), self.engine.connect() as conn:
                     counts = await payments.count_by_status(conn)
                     oldest = await payments.oldest_unreconciled_age(conn)
+                    oldest_pending = await payments.oldest_unsettled_age(conn)
                 self._oldest_unreconciled = oldest
+                self._oldest_pending = oldest_pending
                 self._value = {status.value: n for status, n in counts.items()}
                 self._at = time.monotonic()
             return dict(self._value)

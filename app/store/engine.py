@@ -7,6 +7,8 @@ business alone.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
@@ -140,6 +142,21 @@ def is_unavailable(exc: BaseException) -> bool:
         "ConnectionFailureError",
         "InternalClientError",
     }
+
+
+@contextlib.contextmanager
+def typed_errors() -> Iterator[None]:
+    """Re-raise a driver failure inside the block as the typed error it stands for
+    (``translate``); paydispatch's own errors and unclassified ones pass through unchanged."""
+    try:
+        yield
+    except PaydispatchError:
+        raise
+    except Exception as exc:
+        typed = translate(exc)
+        if typed is None:
+            raise
+        raise typed from exc
 
 
 def translate(exc: BaseException) -> PaydispatchError | None:

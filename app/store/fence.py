@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from sqlalchemy import text
 
 from app.errors import ConfigurationError, LeadershipLost, StaleLeader
-from app.store.engine import Connection, Engine, translate
+from app.store.engine import Connection, Engine, translate, typed_errors
 
 _RAISE_FENCE = text("SELECT paydispatch_raise_fence(:name, :token, :holder)")
 _READ_FENCE = text("SELECT token, holder FROM leader_fence WHERE name = :name")
@@ -57,21 +57,14 @@ async def raise_fence(engine: Engine, *, name: str, token: int, holder: str, tim
     """Move the fence ``name`` up to ``token`` (equal is fine: the same leader again).
 
     Raises StaleLeader if a newer token already holds the fence, DatabaseUnavailable if
-    Postgres cannot be reached, TimeoutError past ``timeout`` (keep it below the leader's
-    remaining validity).
+    Postgres cannot be reached or does not answer within ``timeout`` (keep it below the
+    leader's remaining validity).
     """
-    try:
+    with typed_errors():
         async with asyncio.timeout(timeout), engine.begin() as conn:
             raised = (
                 await conn.execute(_RAISE_FENCE, {"name": name, "token": token, "holder": holder})
             ).scalar_one()
-    except TimeoutError:
-        raise
-    except Exception as exc:
-        typed = translate(exc)
-        if typed is None:
-            raise
-        raise typed from exc
     if raised != token:  # pragma: no cover - the function returns the token or raises
         raise StaleLeader(f"fence {name} answered {raised} when raised to {token}")
     return int(raised)
@@ -137,16 +130,9 @@ async def enforced_fence_name(engine: Engine) -> str:
     fence row that does not exist: fencing would not hold, so nothing may lead on it.
     DatabaseUnavailable when Postgres cannot be reached.
     """
-    try:
+    with typed_errors():
         async with engine.connect() as conn:
             return await read_enforced_fence_name(conn)
-    except ConfigurationError:
-        raise
-    except Exception as exc:
-        typed = translate(exc)
-        if typed is None:
-            raise
-        raise typed from exc
 
 
 async def read_enforced_fence_name(conn: Connection) -> str:
@@ -206,14 +192,9 @@ async def privilege_warnings(engine: Engine, replica_role: str) -> list[str]:
     """What is too powerful about the role this process connects as (empty when it is a
     plain member of ``replica_role``). Advice for the logs: tests and the migration
     legitimately connect as the owner."""
-    try:
+    with typed_errors():
         async with engine.connect() as conn:
             row = (await conn.execute(_PRIVILEGES, {"role": replica_role})).one()
-    except Exception as exc:
-        typed = translate(exc)
-        if typed is None:
-            raise
-        raise typed from exc
     warnings = []
     if row.superuser:
         warnings.append(f"connected to Postgres as superuser {row.login!r}")

@@ -1,15 +1,15 @@
 """The ingest hot path: insert a payment (or find the one already under its key) on a raw
 asyncpg pool, with prepared statements and no ORM work per request.
 
-Why not ``app.store.payments.enqueue``: through SQLAlchemy each insert paid for a pool
+Why not SQLAlchemy, as it was here before: through it each insert paid for a pool
 checkout, a greenlet switch, statement compilation-cache lookups and result-row proxies — on
 this machine about as much CPU as the rest of the request. Here one insert is one
 Bind/Execute/Sync on a connection whose statement cache already holds the INSERT, and the
 pool returns connections without asyncpg's reset query (ingest sets no session state and
 opens no transaction: each statement commits alone), so no extra round trip either.
 
-Semantics are those of ``payments.enqueue``: ``INSERT ... ON CONFLICT (idempotency_key) DO
-NOTHING RETURNING``; on a conflict the existing row is read. The provider key comes from the
+Semantics are the SQLAlchemy version's: ``INSERT ... ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING``; on a conflict the existing row is read. The provider key comes from the
 column default (migration 0003), exactly as before.
 """
 
@@ -54,12 +54,12 @@ class IngestStore:
         *,
         size: int,
         timeout: float,
-        server_settings: dict[str, str],
+        server_settings: dict[str, str] | None = None,
     ) -> None:
         self._dsn = driver_dsn(database_url)
         self._size = size
         self._timeout = timeout
-        self._server_settings = server_settings
+        self._server_settings = server_settings or {}
         self._pool: Any = None  # asyncpg.Pool (asyncpg ships no type information)
 
     async def open(self) -> None:

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 import migrations
 from app.settings import Settings
-from app.store.engine import engine_url, translate
+from app.store.engine import engine_url, typed_errors
 from app.store.fence import check_fence_name, read_enforced_fence_name
 from app.store.roles import sync_replica_role
 
@@ -54,13 +54,8 @@ async def migrate(settings: Settings) -> tuple[str | None, str]:
     ConfigurationError when the role cannot be set up or PAYDISPATCH_FENCE_NAME is not the
     fence the schema enforces (the schema is upgraded all the same).
     """
-    try:
+    with typed_errors():
         return await _migrate(settings)
-    except Exception as exc:
-        typed = translate(exc)
-        if typed is None:
-            raise
-        raise typed from exc
 
 
 async def _migrate(settings: Settings) -> tuple[str | None, str]:

@@ -4,9 +4,10 @@
 Callers pass a ``Connection`` (``app.store.engine``) and get domain types back; the statements
 themselves are private, and rows become dataclasses by column name, never by position.
 
-Ingest (any replica) only inserts, with no fencing token. Leader statements (park, recover,
-release, settle; the hot claim and record are in ``app.store.claims``) carry the leader's
-token on every row they touch and run inside a fenced transaction
+Ingest (any replica, ``app.store.ingest``) only inserts, with no fencing token. Leader
+statements (park, recover, release, settle; the hot claim and record are in
+``app.store.claims``) carry the leader's token on every row they touch and run inside a
+fenced transaction
 (``app.store.fence.FencedWriter``); the fence trigger checks the token.
 Operator statements are stamped with the fence's current token.
 """
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Mapping
-from dataclasses import fields
+from dataclasses import dataclass, fields
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import text
 
-from app.domain.payment import Payment, PaymentRequest, ReconcileCandidate
+from app.domain.payment import Payment, ReconcileCandidate
 from app.domain.states import PaymentStatus
 from app.store.engine import Connection
 
@@ -33,17 +35,6 @@ _PAYMENT_COLUMNS = (
     "last_error, created_at, updated_at, completed_at, provider_key, provider_key_issued_at"
 )
 
-_INSERT_PAYMENT = text(
-    f"""
-    INSERT INTO payments (idempotency_key, request_fingerprint, amount, currency, reference,
-                          description, metadata)
-    VALUES (:key, :fingerprint, :amount, :currency, :reference, :description,
-            CAST(:metadata AS jsonb))
-    ON CONFLICT (idempotency_key) DO NOTHING
-    RETURNING {_PAYMENT_COLUMNS}
-    """
-)
-_SELECT_BY_KEY = text(f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE idempotency_key = :key")
 _SELECT_BY_ID = text(f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE id = :id")
 _LIST_PAYMENTS = text(
     f"""
@@ -53,33 +44,6 @@ _LIST_PAYMENTS = text(
     LIMIT :limit
     """
 )
-
-
-async def enqueue(conn: Connection, key: str, request: PaymentRequest) -> tuple[Payment, bool]:
-    """Insert a pending payment under ``key``, or find the one already there.
-
-    Returns (payment, created). Concurrent identical requests are settled by the unique
-    constraint: ON CONFLICT waits for the first inserter, then the SELECT sees its row.
-    """
-    result = await conn.execute(
-        _INSERT_PAYMENT,
-        {
-            "key": key,
-            "fingerprint": request.fingerprint(),
-            "amount": request.amount,
-            "currency": request.currency,
-            "reference": request.reference,
-            "description": request.description,
-            "metadata": json.dumps(request.metadata),
-        },
-    )
-    row = result.first()
-    if row is not None:
-        return _payment(row), True
-    existing = (await conn.execute(_SELECT_BY_KEY, {"key": key})).first()
-    if existing is None:  # pragma: no cover - the conflicting row cannot vanish (no deletes)
-        raise RuntimeError(f"payment with idempotency key {key!r} conflicted but is missing")
-    return _payment(existing), False
 
 
 async def get_payment(conn: Connection, payment_id: int) -> Payment | None:
@@ -149,6 +113,20 @@ _RELEASE = text(
     """
 )
 
+# A claim whose COMMIT landed but whose answer was lost leaves rows in flight under our own
+# token that this leader never called: they go back to the queue (takeover recovery only
+# takes rows of older tokens).
+_RELEASE_UNTRACKED = text(
+    """
+    UPDATE payments
+    SET status = 'pending', next_attempt_at = now(), fence_token = :token, updated_at = now(),
+        last_error = 'claimed by a transaction whose answer was lost; never sent, re-queued'
+    WHERE status = 'in_flight' AND fence_token = :token
+      AND NOT (id = ANY(CAST(:known AS bigint[])))
+    RETURNING id
+    """
+)
+
 _RECONCILE_CANDIDATES = text(
     """
     SELECT id, provider_key, amount, currency, reference FROM payments
@@ -162,6 +140,17 @@ _OLDEST_UNRECONCILED = text(
     """
     SELECT extract(epoch FROM now() - min(updated_at)) AS age FROM payments
     WHERE status = 'needs_reconciliation'
+    """
+)
+
+# Ids grow with time, so the lowest id per status is the oldest payment: each subquery is one
+# step down payments_status_id_idx, whatever the queue's size (least() skips NULLs).
+_OLDEST_UNSETTLED = text(
+    """
+    SELECT extract(epoch FROM now() - least(
+        (SELECT created_at FROM payments WHERE status = 'pending' ORDER BY id LIMIT 1),
+        (SELECT created_at FROM payments WHERE status = 'in_flight' ORDER BY id LIMIT 1)
+    )) AS age
     """
 )
 
@@ -182,6 +171,13 @@ async def park_expired(conn: Connection, *, token: int, horizon: float) -> list[
     """Move every pending payment whose provider key was issued more than ``horizon``
     seconds ago to needs_reconciliation (it is looked up, never re-sent); their ids."""
     rows = await conn.execute(_PARK_EXPIRED, {"token": token, "horizon": horizon})
+    return [int(row.id) for row in rows]
+
+
+async def release_untracked(conn: Connection, *, token: int, known: Collection[int]) -> list[int]:
+    """Re-queue payments in flight under ``token`` that are not in ``known`` (the ones this
+    leader is calling): claimed by a transaction whose answer never arrived. Their ids."""
+    rows = await conn.execute(_RELEASE_UNTRACKED, {"token": token, "known": sorted(known)})
     return [int(row.id) for row in rows]
 
 
@@ -213,6 +209,13 @@ async def oldest_unreconciled_age(conn: Connection) -> float | None:
     return float(age) if age is not None else None
 
 
+async def oldest_unsettled_age(conn: Connection) -> float | None:
+    """Seconds since the oldest payment still pending or in flight was accepted (None: the
+    queue is empty)."""
+    age = (await conn.execute(_OLDEST_UNSETTLED)).scalar_one()
+    return float(age) if age is not None else None
+
+
 async def settle_reconciled(
     conn: Connection, *, token: int, payment_id: int, status: PaymentStatus, charge_id: str
 ) -> bool:
@@ -240,8 +243,23 @@ async def count_by_status(conn: Connection) -> dict[PaymentStatus, int]:
 # An operator is not a leader, but the fence trigger wants every update to say which term it
 # belongs to; the current fence token is the honest answer (the action happens "now").
 
+# How old a payment's provider key is and how long since anything was sent under it, both
+# by the database's clock (one clock for every replica, the one the claim uses too).
+_KEY_AGE = text(
+    """
+    SELECT p.updated_at,
+           p.provider_key_issued_at < now() - make_interval(secs => :horizon) AS too_old,
+           extract(epoch FROM now() - greatest(
+               p.updated_at,
+               (SELECT max(a.finished_at) FROM payment_attempts a WHERE a.payment_id = p.id)
+           ))::float8 AS quiet_for
+    FROM payments p WHERE p.id = :id
+    """
+)
+
 # With :new_key the payment is sent under a fresh provider key from now on: only after a
 # ledger lookup proved the old key was never charged (the provider may have forgotten it).
+# :seen is the updated_at the operator's decision was based on: anything since voids it.
 _ADMIN_REQUEUE = text(
     """
     UPDATE payments
@@ -252,7 +270,7 @@ _ADMIN_REQUEUE = text(
                                       THEN provider_key_issued_at ELSE now() END,
         fence_token = (SELECT token FROM leader_fence WHERE name = :fence)
     WHERE id = :id AND status IN ('pending', 'needs_reconciliation')
-      AND provider_key = :old_key
+      AND provider_key = :old_key AND updated_at = :seen
     RETURNING status
     """
 )
@@ -276,25 +294,50 @@ _AUDIT = text(
 )
 
 
+@dataclass(frozen=True, slots=True)
+class KeyAge:
+    """How a payment's provider key stands, by the database's clock."""
+
+    updated_at: datetime  # the row's version the answer belongs to
+    too_old: bool  # issued longer ago than the horizon: the provider may have forgotten it
+    quiet_for: float  # seconds since the row changed or an attempt under the key ended
+
+
+async def key_age(conn: Connection, *, payment_id: int, horizon: float) -> KeyAge | None:
+    """How old ``payment_id``'s provider key is and how long it has been quiet; None when
+    there is no such payment."""
+    row = (await conn.execute(_KEY_AGE, {"id": payment_id, "horizon": horizon})).first()
+    if row is None:
+        return None
+    return KeyAge(row.updated_at, bool(row.too_old), float(row.quiet_for))
+
+
 async def admin_requeue(
     conn: Connection,
     *,
     payment_id: int,
     fence_name: str,
     old_key: str,
+    seen: datetime,
     new_key: str | None = None,
 ) -> bool:
     """An operator puts a pending or needs_reconciliation payment back in the queue, due now,
     under its provider key ``old_key`` — or under ``new_key`` from now on, when a ledger
     lookup proved ``old_key`` was never charged.
 
-    False when the payment is in neither state any more (claimed or settled meanwhile) or
-    its key changed since it was read.
+    False when the payment changed since the operator's decision (``seen``, its updated_at):
+    claimed, settled, re-keyed or sent meanwhile.
     """
     row = (
         await conn.execute(
             _ADMIN_REQUEUE,
-            {"id": payment_id, "fence": fence_name, "old_key": old_key, "new_key": new_key},
+            {
+                "id": payment_id,
+                "fence": fence_name,
+                "old_key": old_key,
+                "new_key": new_key,
+                "seen": seen,
+            },
         )
     ).first()
     return row is not None

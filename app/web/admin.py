@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -17,6 +16,7 @@ from app.dispatch.reconcile import Settlement, reconcile_one
 from app.domain.payment import Payment, ReconcileCandidate
 from app.domain.states import PaymentStatus
 from app.errors import ProviderError, UnprovenCharge
+from app.settings import Settings
 from app.store import payments
 from app.web.auth import bearer_token
 from app.web.params import parse_id
@@ -26,6 +26,12 @@ from app.web.state import ELECTOR, ENGINE, OBSERVER, SETTINGS
 
 
 # What an operator's reconcile may write: the ledger proves one of these, or nothing is written.
+def rotation_quiet_period(settings: Settings) -> float:
+    """Seconds a payment's key must have been quiet (no attempt, no change) before a ledger
+    lookup that finds nothing counts as proof that nothing is being charged under it."""
+    return max(60.0, 4 * settings.provider_timeout)
+
+
 def actor(request: web.Request) -> str:
     """A stable, non-secret name for the key that made the request."""
     token = bearer_token(request) or "anonymous"
@@ -83,8 +89,27 @@ async def retry_payment(request: web.Request) -> web.Response:
             f"payment {payment.id} is {payment.status.value}; only pending and "
             "needs_reconciliation payments can be retried",
         )
+    horizon = retry_policy(settings).horizon.total_seconds()
+    async with request.app[ENGINE].connect() as conn:
+        age = await payments.key_age(conn, payment_id=payment.id, horizon=horizon)
+    if age is None:  # pragma: no cover - payments are never deleted
+        return problem(404, "Payment not found", f"no payment has id {payment.id}")
     new_key = None
-    if retry_policy(settings).too_old(payment.provider_key_issued_at, datetime.now(UTC)):
+    if age.too_old:
+        # "No charge in the ledger" proves nothing while a request under the key may still
+        # be processing at the provider (a charge in progress is not listed yet): only a
+        # key that has been quiet well past any call's timeout may be looked up and retired.
+        quiet_needed = rotation_quiet_period(settings)
+        if age.quiet_for < quiet_needed:
+            await audit(request, "retry", "refused_too_recent", payment.id)
+            return problem(
+                409,
+                "Payment was sent too recently to prove it was not charged",
+                f"payment {payment.id} is too old to re-send under its key, and its last "
+                f"attempt was {age.quiet_for:.0f}s ago: a charge may still be in progress. "
+                f"Retry after {quiet_needed - age.quiet_for:.0f}s",
+                headers={"Retry-After": str(int(quiet_needed - age.quiet_for) + 1)},
+            )
         try:
             async with aiohttp.ClientSession() as http:
                 charge = await ProviderClient(settings.provider_url, http).find_by_key(
@@ -114,6 +139,7 @@ async def retry_payment(request: web.Request) -> web.Response:
             payment_id=payment.id,
             fence_name=settings.fence_name,
             old_key=payment.provider_key,
+            seen=age.updated_at,
             new_key=new_key,
         )
     if not requeued:  # it moved on between the read and the write (claimed, settled)
@@ -196,7 +222,7 @@ async def resign_leader(request: web.Request) -> web.Response:
     and campaigns again behind the new leader. Send it to the leader (see /v1/leader)."""
     token = request.app[ELECTOR].handover()
     if token is None:
-        leader = request.app[OBSERVER].leader
+        leader = request.app[OBSERVER].confirmed_leader()
         await audit(request, "leader_resign", "not_leader")
         where = f" the leader is {leader.node_id} at {leader.url}" if leader else " none leads"
         return problem(409, "Not the leader", f"this replica does not lead;{where}")

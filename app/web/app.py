@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from app.errors import ConfigurationError
 from app.obs.metrics import Metrics, http_metrics_middleware
@@ -19,7 +20,7 @@ from app.web.auth import auth_middleware
 from app.web.health import add_health_routes
 from app.web.openapi import openapi_document
 from app.web.payments import add_payment_routes
-from app.web.problems import problem_middleware
+from app.web.problems import Handler, problem_middleware, unavailable
 from app.web.state import (
     ENGINE,
     INGEST,
@@ -51,7 +52,28 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _mark_shutting_down(app: web.Application) -> None:
-    app[LIFECYCLE].shutting_down = True
+    await app[LIFECYCLE].begin_shutdown()
+
+
+def draining_middleware(lifecycle: Lifecycle, retry_after: int) -> Middleware:
+    """Middleware: once shutdown has begun, every /v1/* request gets a 503 with
+    ``Connection: close`` instead of being started on a replica about to close its sockets.
+    A load balancer retries it on another replica (the Idempotency-Key makes a retried POST
+    safe); a client without one is told to retry. Health and metrics still answer."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if lifecycle.shutting_down and request.path.startswith("/v1/"):
+            response = unavailable(
+                retry_after,
+                "This replica is shutting down; nothing was stored. Retry the same request "
+                "(same Idempotency-Key) on another replica.",
+            )
+            response.force_close()
+            return response
+        return await handler(request)
+
+    return middleware
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -62,10 +84,12 @@ def create_app(settings: Settings) -> web.Application:
             "no API keys configured: set PAYDISPATCH_API_KEYS (comma-separated bearer tokens), "
             "or set PAYDISPATCH_ALLOW_NO_AUTH=true to serve /v1/* without authentication"
         )
+    lifecycle = Lifecycle()
     app = web.Application(
         client_max_size=settings.max_body_bytes,
         middlewares=[
             http_metrics_middleware(metrics),
+            draining_middleware(lifecycle, 1),
             problem_middleware(settings.retry_after_seconds),
             auth_middleware(settings.api_keys, settings.admin_api_keys),
         ],
@@ -73,7 +97,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app[METRICS_REFRESH] = []
-    app[LIFECYCLE] = Lifecycle()
+    app[LIFECYCLE] = lifecycle
     app.cleanup_ctx.append(_database)
     app.on_shutdown.append(_mark_shutting_down)
     add_payment_routes(app)

@@ -16,26 +16,45 @@ from app.web.schemas import (
     json_response,
     leader_body,
 )
-from app.web.state import DISPATCH_STATS, ELECTOR, OBSERVER, SETTINGS, STATUS_COUNTS, WATCHDOG
+from app.web.state import (
+    DISPATCH_STATS,
+    ELECTOR,
+    FAILOVER_STATS,
+    OBSERVER,
+    SETTINGS,
+    STATUS_COUNTS,
+    WATCHDOG,
+)
 
 log = logging.getLogger(__name__)
 
 
 async def get_leader(request: web.Request) -> web.Response:
-    """GET /v1/leader — the leader as this replica observes it; 503 while there is none."""
-    leader = request.app[OBSERVER].leader
-    if leader is None:
+    """GET /v1/leader — the leader as this replica observes it; 503 while there is none, and
+    503 "Leader unknown" while etcd has not confirmed this replica's view for a lease TTL (a
+    replica cut off from etcd must not keep naming a leader it can no longer confirm)."""
+    view = request.app[OBSERVER].view()
+    if not view.confirmed:
+        return problem(
+            503,
+            "Leader unknown",
+            f"this replica has not been able to confirm the leader with etcd since "
+            f"{view.unknown_since}; ask another replica",
+            headers={"Retry-After": "1"},
+        )
+    if view.leader is None:
         return problem(
             503, "No leader", "no replica holds leadership right now", headers={"Retry-After": "1"}
         )
-    return json_response(leader_body(leader))
+    return json_response(leader_body(view.leader))
 
 
 async def get_cluster(request: web.Request) -> web.Response:
     """GET /v1/cluster — the cluster as this replica sees it: leader, every campaigning
     replica, recent leadership changes and queue depth by status."""
     observer = request.app[OBSERVER]
-    leader = observer.leader
+    view = observer.view()
+    leader = view.leader
     counts: dict[str, int] | None
     try:
         counts = await request.app[STATUS_COUNTS].counts()
@@ -46,6 +65,7 @@ async def get_cluster(request: web.Request) -> web.Response:
         Cluster(
             observed_by=request.app[SETTINGS].node_id,
             leader=leader_body(leader) if leader else None,
+            leader_unknown_since=view.unknown_since,
             replicas=[
                 Replica(
                     node_id=c.node_id,
@@ -53,7 +73,7 @@ async def get_cluster(request: web.Request) -> web.Response:
                     candidate_revision=c.token,
                     leading=leader is not None and c.token == leader.token,
                 )
-                for c in observer.candidates
+                for c in view.candidates
             ],
             leadership_changes=[leader_body(change) for change in reversed(observer.changes)],
             queue=QueueDepth.model_validate(counts) if counts is not None else None,
@@ -66,7 +86,7 @@ async def get_node(request: web.Request) -> web.Response:
     elector = request.app[ELECTOR]
     watchdog = request.app[WATCHDOG]
     term = elector.acting_term
-    observed = request.app[OBSERVER].leader
+    observed = request.app[OBSERVER].confirmed_leader()
     counters = request.app[DISPATCH_STATS]
     return json_response(
         Node(
@@ -82,6 +102,7 @@ async def get_node(request: web.Request) -> web.Response:
             # Served at the top level, where clients have always read it.
             stale_writes_rejected=counters.stale_writes_rejected,
             dispatch=dispatch_stats_body(counters),
+            failover=dict(request.app[FAILOVER_STATS].outcomes),
             event_loop_lag_s=round(watchdog.lag, 4),
             event_loop_max_lag_s=round(watchdog.max_lag, 4),
         )

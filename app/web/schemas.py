@@ -196,7 +196,23 @@ class Cluster(_Closed):
     """The cluster as one replica sees it."""
 
     observed_by: Annotated[str, Field(description="The answering replica.")]
-    leader: Leader | None
+    leader: Annotated[
+        Leader | None,
+        Field(
+            description="Null when no replica leads, and while the view is unconfirmed "
+            "(see leader_unknown_since)."
+        ),
+    ]
+    leader_unknown_since: Annotated[
+        str | None,
+        Field(
+            description="Set when etcd has not confirmed this replica's view for a lease TTL "
+            "(the replica cannot reach etcd or its quorum): the time of the last "
+            "confirmation. The replica then names no leader; replicas lists the candidates "
+            "as last confirmed, none of them leading.",
+            json_schema_extra={"format": "date-time"},
+        ),
+    ]
     replicas: Annotated[
         list[Replica], Field(description="Every campaigning replica, leader first.")
     ]
@@ -255,6 +271,13 @@ class Node(_Closed):
     ]
     stale_writes_rejected: NonNegativeInt
     dispatch: DispatchStats
+    failover: Annotated[
+        dict[str, NonNegativeInt],
+        Field(
+            description="This replica's fast crash detection, by decision: takeover, "
+            "leader_alive, key_changed, rate_limited."
+        ),
+    ] = {}
     event_loop_lag_s: Seconds
     event_loop_max_lag_s: Seconds
 

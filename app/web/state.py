@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from app.dispatch.dispatcher import DispatchStats
+from app.failover.detector import FailoverStats
 from app.leadership.elector import Elector
 from app.leadership.keepalive import LoopWatchdog
 from app.leadership.observer import LeaderObserver
@@ -28,6 +29,18 @@ class Lifecycle:
         self.shutting_down = False
         # Why /readyz last failed (logged once per change, not on every probe).
         self.not_ready_because: str | None = None
+        # Run the moment shutdown begins, before the listener closes (the leader's
+        # handover): registered by the composition root.
+        self.on_stopping: list[Callable[[], Awaitable[object]]] = []
+
+    async def begin_shutdown(self) -> None:
+        """From now on: /readyz fails and /v1/* answers 503 (a load balancer retries them on
+        another replica); then the stopping hooks run. Idempotent."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        for hook in self.on_stopping:
+            await hook()
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -47,3 +60,4 @@ WATCHDOG = web.AppKey("watchdog", LoopWatchdog)
 TASKS = web.AppKey("tasks", list[asyncio.Task[None]])
 DISPATCH_STATS = web.AppKey("dispatch_stats", DispatchStats)
 STATUS_COUNTS = web.AppKey("status_counts", StatusCounts)
+FAILOVER_STATS = web.AppKey("failover_stats", FailoverStats)

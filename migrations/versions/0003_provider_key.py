@@ -65,6 +65,23 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # Rows already sent under their own provider key would be re-sent under the client's key
+    # by the old code: a second charge. Refuse rather than drop the key they were sent with.
+    op.execute(
+        """
+        DO $$
+        BEGIN
+            IF EXISTS (SELECT 1 FROM payments
+                       WHERE provider_key <> idempotency_key
+                         AND (attempts > 0 OR status <> 'pending')) THEN
+                RAISE EXCEPTION 'cannot downgrade below 0003: payments were already sent '
+                    'under their own provider key, and the old code would send them again '
+                    'under the client key (a second charge)';
+            END IF;
+        END
+        $$
+        """
+    )
     op.execute("ALTER TABLE payment_attempts DROP CONSTRAINT payment_attempts_outcome_check")
     op.execute(
         "ALTER TABLE payment_attempts ADD CONSTRAINT payment_attempts_outcome_check CHECK "

@@ -102,8 +102,9 @@ def test_every_scenario_holds_exactly_once_in_short_form(scenario: str, tmp_path
     assert report["scenario"] == scenario
     for key in ("duplicates", "lost", "mismatched", "stuck"):
         assert report[key] == 0, report
-    assert report["accepted"] == report["acknowledged"] == 720
-    assert report["charged"] + report["declined"] == 720
+    # At least the planned 720: load goes on until the last fault has been measured.
+    assert report["accepted"] == report["acknowledged"] >= 720
+    assert report["charged"] + report["declined"] == report["accepted"]
     for key in ("throughput_per_s", "ingest_latency_ms", "failovers", "stale_writes_rejected"):
         assert key in report
     assert len(report["failovers"]) == len(SCENARIOS[scenario].plan(1))

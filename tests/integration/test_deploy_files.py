@@ -18,11 +18,15 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+
+from app.stack.haproxy import BACKEND, DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[2]
 VALIDATE = ROOT / ".ci" / "validate-deploy"
@@ -34,6 +38,8 @@ ONE_SHOT = frozenset({"migrate", "load", "etcd-tls", "etcd-auth"})
 APP_TLS_DIR = "/etc/paydispatch/etcd-tls"
 
 Services = dict[str, dict[str, Any]]
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+KUBERNETES_OVERLAYS = ("production", "staging")
 
 
 def compose_binary() -> Path:
@@ -69,14 +75,19 @@ def compose_services(*profiles: str) -> Services:
     return services
 
 
-def run_validator(compose_file: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_validator(
+    compose_file: Path | None = None, sections: str | None = None
+) -> subprocess.CompletedProcess[str]:
     args = [str(VALIDATE)] if compose_file is None else [str(VALIDATE), str(compose_file)]
+    env = {**os.environ, "PYTHON": sys.executable}
+    if sections is not None:
+        env["VALIDATE_SECTIONS"] = sections
     return subprocess.run(
         args,
         capture_output=True,
         text=True,
-        timeout=180,
-        env={**os.environ, "PYTHON": sys.executable},
+        timeout=300,
+        env=env,
         check=False,
     )
 
@@ -95,6 +106,12 @@ def test_validator_accepts_the_repository_files() -> None:
     assert "--profile load" in output
     assert "ok    hadolint:" in output
     assert re.search(r"^(ok|skip)  +haproxy", output, re.MULTILINE), output
+    for overlay in KUBERNETES_OVERLAYS:
+        assert f"ok    kustomize: deploy/kubernetes/overlays/{overlay}" in output
+        assert f"ok    kubernetes-validate --strict: overlays/{overlay}" in output
+        assert f"ok    checkov: overlays/{overlay} (rendered)" in output
+    assert "ok    checkov: Dockerfile" in output
+    assert f"ok    checkov: {COMPOSE_FILE}" in output
     assert "FAIL" not in output
 
 
@@ -222,7 +239,13 @@ def test_haproxy_fronts_the_replicas_with_the_repository_config(services: Servic
     config = compose_model()["configs"]["haproxy.cfg"]["content"]
     assert "balance roundrobin" in config
     assert "option httpchk GET /readyz" in config
-    assert "default-server inter 500ms fall 2 rise 1" in config
+    # The availability settings are the local stack's, line for line.
+    lines = {line.strip() for line in config.splitlines()}
+    for line in (*DEFAULTS.splitlines(), *BACKEND.splitlines()):
+        if line.strip().startswith("default-server"):
+            assert any(other.startswith(line.strip()) for other in lines), line
+        else:
+            assert line.strip() in lines, line
     for name in REPLICAS:
         assert re.search(rf"^\s*server {name} {name}:8080 check\b", config, re.MULTILINE)
 
@@ -313,8 +336,8 @@ def test_validator_fails_on_a_broken_compose_file(
     broken.write_text(breaking(COMPOSE_FILE.read_text()))
 
     # The copy itself validates: what fails below is the breakage, not the copy's location.
-    assert run_validator(intact).returncode == 0
-    result = run_validator(broken)
+    assert run_validator(intact, sections="compose").returncode == 0
+    result = run_validator(broken, sections="compose")
 
     assert result.returncode != 0
     assert f"FAIL  compose: {broken} config --quiet" in result.stdout
@@ -406,3 +429,151 @@ def test_the_compose_etcd_scripts_make_working_certificates_and_auth(tmp_path: P
                     await etcd.get("/paydispatch/c/x")
 
         asyncio.run(use_it())
+
+
+# --- Kubernetes: the overlays as kustomize renders them ---------------------------------------
+
+
+def _tool(name: str) -> str:
+    scripts = Path(sysconfig.get_path("scripts"))
+    found = scripts / name if (scripts / name).is_file() else shutil.which(name)
+    assert found, f"{name} missing: pip install -e '.[dev]'"
+    return str(found)
+
+
+def render(overlay: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """{(kind, name): object} of an overlay, rendered by kubectl's built-in kustomize."""
+    result = subprocess.run(
+        [_tool("kubectl"), "kustomize", str(KUBERNETES / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(result.stdout)}
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+def _config(objects: dict[tuple[str, str], dict[str, Any]]) -> dict[str, str]:
+    (config,) = (o for (kind, name), o in objects.items() if name.startswith("paydispatch-config"))
+    data: dict[str, str] = config["data"]
+    return data
+
+
+@pytest.mark.parametrize("overlay", KUBERNETES_OVERLAYS)
+def test_replicas_run_three_hardened_pods_that_hand_over_gracefully(overlay: str) -> None:
+    objects = render(overlay)
+    deployment = objects[("Deployment", "paydispatch")]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    config = _config(objects)
+
+    assert deployment["spec"]["replicas"] == 3
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    # The grace period covers the preStop pause, the in-flight grace and some closing time.
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    grace = float(config["PAYDISPATCH_SHUTDOWN_GRACE"])
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + grace + 5
+    assert container["resources"]["requests"]["cpu"]
+    assert container["resources"]["requests"]["memory"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert pod["automountServiceAccountToken"] is False
+    anti = pod["affinity"]["podAntiAffinity"]
+    terms = anti.get("requiredDuringSchedulingIgnoredDuringExecution") or [
+        t["podAffinityTerm"] for t in anti["preferredDuringSchedulingIgnoredDuringExecution"]
+    ]
+    assert terms[0]["topologyKey"] == "kubernetes.io/hostname"
+    if overlay == "production":
+        assert "requiredDuringSchedulingIgnoredDuringExecution" in anti
+    assert objects[("PodDisruptionBudget", "paydispatch")]["spec"]["maxUnavailable"] == 1
+    assert objects[("Service", "paydispatch")]["spec"]["ports"][0]["targetPort"] == "http"
+
+
+@pytest.mark.parametrize("overlay", KUBERNETES_OVERLAYS)
+def test_only_the_migration_holds_the_owner_role_and_no_secret_is_inlined(overlay: str) -> None:
+    objects = render(overlay)
+    replica = objects[("Deployment", "paydispatch")]["spec"]["template"]["spec"]["containers"][0]
+    migrate = objects[("Job", "paydispatch-migrate")]["spec"]["template"]["spec"]["containers"][0]
+
+    assert migrate["args"] == ["migrate"]
+    assert _env(migrate)["PAYDISPATCH_DATABASE_URL"]["secretKeyRef"]["name"] == (
+        "paydispatch-db-owner"
+    )
+    assert _env(replica)["PAYDISPATCH_DATABASE_URL"]["secretKeyRef"]["name"] == (
+        "paydispatch-db-replica"
+    )
+    rendered = json.dumps(list(objects.values()))
+    assert "paydispatch-db-owner" not in json.dumps(replica)
+    assert not [key for key in objects if key[0] == "Secret"], "Secrets are referenced only"
+    assert "postgresql://" not in rendered, "no database URL (with its password) inlined"
+    kinds = {kind for kind, _ in objects}
+    assert "NetworkPolicy" in kinds
+    for (kind, _), obj in objects.items():
+        if kind == "NetworkPolicy":
+            assert set(obj["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+
+
+def test_staging_runs_etcd_as_three_tls_members_with_auth_set_up_by_the_compose_script() -> None:
+    objects = render("staging")
+    etcd = objects[("StatefulSet", "etcd")]
+    (member,) = etcd["spec"]["template"]["spec"]["containers"]
+    env = _env(member)
+
+    assert etcd["spec"]["replicas"] == 3
+    assert env["ETCD_LISTEN_CLIENT_URLS"].startswith("https://")
+    assert env["ETCD_LISTEN_PEER_URLS"].startswith("https://")
+    assert env["ETCD_CLIENT_CERT_AUTH"] == env["ETCD_PEER_CLIENT_CERT_AUTH"] == "true"
+    members = env["ETCD_INITIAL_CLUSTER"].split(",")
+    assert members == [f"etcd-{i}=https://etcd-{i}.etcd:2380" for i in range(3)]
+    config = _config(objects)
+    assert config["PAYDISPATCH_ETCD_ENDPOINTS"].split(",") == [
+        f"https://etcd-{i}.etcd:2379" for i in range(3)
+    ]
+    assert config["PAYDISPATCH_ETCD_USERNAME"] == "paydispatch"
+    assert objects[("PodDisruptionBudget", "etcd")]["spec"]["minAvailable"] == 2
+    # The auth Job runs the very script the compose file runs (tested against a real etcd).
+    shipped = (KUBERNETES / "components" / "etcd" / "etcd-auth.py").read_text()
+    assert shipped == compose_model()["configs"]["etcd-auth.py"]["content"]
+
+
+def test_production_uses_an_existing_etcd_and_the_operator_postgres() -> None:
+    objects = render("production")
+
+    assert not [key for key in objects if key[1].startswith("etcd")]
+    endpoints = _config(objects)["PAYDISPATCH_ETCD_ENDPOINTS"].split(",")
+    assert len(endpoints) == 3
+    assert all(e.startswith("https://") for e in endpoints)
+    policy = objects[("NetworkPolicy", "paydispatch-replica")]
+    to_postgres = next(r for r in policy["spec"]["egress"] if r["ports"][0]["port"] == 5432)
+    assert to_postgres["to"] == [
+        {"podSelector": {"matchLabels": {"cnpg.io/cluster": "paydispatch-db"}}}
+    ]
+    example = yaml.safe_load((KUBERNETES / "examples" / "postgres-cloudnativepg.yaml").read_text())
+    assert example["metadata"]["name"] == "paydispatch-db"
+
+
+def test_strict_validation_rejects_a_misspelled_field(tmp_path: Path) -> None:
+    objects = render("production")
+    deployment = objects[("Deployment", "paydispatch")]
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump(deployment))
+
+    result = subprocess.run(
+        [_tool("kubernetes-validate"), "--strict", "--quiet", str(broken)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert result.returncode != 0
+    assert "readinesProbe" in result.stdout + result.stderr

@@ -14,12 +14,14 @@ from typing import Any
 import asyncpg
 import pytest
 
-from app.errors import LeadershipLost
+from app.dispatch.leader import stall_limit
+from app.errors import DatabaseUnavailable, LeadershipLost
 from app.settings import Settings
 from app.web.app import create_app
 from tests.integration.test_hostile_provider import dispatch_settings, enqueue, rows, settle
 from tests.support.hostile import HostileProvider, first_attempt, hostile_provider
 from tests.support.leading import leading
+from tests.support.proxy import proxied
 
 TWO_DAYS = timedelta(days=2)
 
@@ -69,6 +71,16 @@ async def left_in_flight_by(db: asyncpg.Connection, ids: list[int], token: int) 
     )
 
 
+async def quiet_for(db: asyncpg.Connection, payment_id: int, age: timedelta) -> None:
+    """Pretend nothing happened to the payment (no change, no attempt) for ``age``."""
+    await db.execute(
+        "UPDATE payments SET updated_at = now() - $2::interval, fence_token = "
+        "(SELECT max(token) FROM leader_fence) WHERE id = $1",
+        payment_id,
+        age,
+    )
+
+
 async def park(db: asyncpg.Connection, ids: list[int]) -> None:
     """Put these payments in needs_reconciliation, in this order of updated_at."""
     for payment_id in ids:
@@ -114,6 +126,7 @@ async def test_admin_retry_of_an_old_payment_is_refused_while_the_provider_holds
     charge_at_provider(provider, row)
     await backdate(db, [row["id"]], TWO_DAYS)
     await park(db, [row["id"]])
+    await quiet_for(db, row["id"], timedelta(hours=1))
 
     status, body = await admin_retry(settings, row["id"])
 
@@ -132,6 +145,7 @@ async def test_admin_retry_of_an_old_payment_without_a_charge_sends_it_once_unde
     (row,) = await rows(db, ["old"])
     await backdate(db, [row["id"]], TWO_DAYS)
     await park(db, [row["id"]])
+    await quiet_for(db, row["id"], timedelta(hours=1))
 
     status, _ = await admin_retry(settings, row["id"])
     assert status == 200
@@ -142,6 +156,28 @@ async def test_admin_retry_of_an_old_payment_without_a_charge_sends_it_once_unde
     assert after["provider_key"] != row["provider_key"]
     assert provider.lookups == [row["provider_key"]], "no charge was proven absent first"
     assert [c["idempotency_key"] for c in provider.charges] == [after["provider_key"]]
+
+
+async def test_admin_retry_of_an_old_payment_sent_moments_ago_is_refused_without_a_lookup(
+    database_url: str, db: asyncpg.Connection, provider: HostileProvider
+) -> None:
+    # Found by review: a call under the old key may still be processing at the provider,
+    # where the ledger does not list it yet; "no charge found" proves nothing then, and a
+    # new key would be a second charge.
+    settings = dispatch_settings(database_url, provider.url)
+    await enqueue(settings, ["old"])
+    (row,) = await rows(db, ["old"])
+    await backdate(db, [row["id"]], TWO_DAYS)
+    await park(db, [row["id"]])  # parked just now, after its last attempt
+
+    status, body = await admin_retry(settings, row["id"])
+
+    assert status == 409
+    assert "in progress" in body["detail"]
+    assert provider.lookups == []
+    (after,) = await rows(db, ["old"])
+    assert after["provider_key"] == row["provider_key"]
+    assert after["status"] == "needs_reconciliation"
 
 
 # --- defect 3: charges are accepted without checking they belong to the payment -----------------
@@ -259,9 +295,11 @@ async def until_status(db: asyncpg.Connection, reference: str, status: str) -> N
         await asyncio.sleep(0.05)
 
 
-async def until_some_in_flight(db: asyncpg.Connection, references: list[str]) -> None:
+async def until_some_in_flight(
+    db: asyncpg.Connection, references: list[str], at_least: int = 1
+) -> None:
     deadline = time.monotonic() + 30
-    while not any(r["status"] == "in_flight" for r in await rows(db, references)):
+    while sum(r["status"] == "in_flight" for r in await rows(db, references)) < at_least:
         assert time.monotonic() < deadline, "nothing was ever claimed"
         await asyncio.sleep(0.01)
 
@@ -281,3 +319,56 @@ async def admin_retry(settings: Settings, payment_id: int) -> tuple[int, Any]:
             headers={"Authorization": "Bearer admin-key"},
         )
         return response.status, json.loads(await response.text())
+
+
+async def test_a_leader_cut_from_postgres_with_every_slot_busy_still_gives_its_term_up(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    # Found by review: with every slot taken no claim ran, and the claim loop counted its
+    # idle rounds as progress, so the stall limit never fired and no healthy replica led.
+    async with hostile_provider(first_attempt({})) as provider, proxied(database_url) as cut:
+        provider.latency = 1.0
+        direct = dispatch_settings(database_url, provider.url)
+        settings = direct.model_copy(
+            update={
+                "database_url": cut.url_for(database_url),
+                "db_timeout": 0.5,
+                "provider_timeout": 2.0,
+                "dispatch_concurrency": 4,
+                "dispatch_batch_size": 4,
+            }
+        )
+        await enqueue(direct, [f"busy{n}" for n in range(12)])
+        async with leading(settings, token=20) as term:
+            await until_some_in_flight(db, [f"busy{n}" for n in range(12)], at_least=4)
+            cut.cut()
+            limit = stall_limit(settings)
+            done, _ = await asyncio.wait({term.task}, timeout=limit + 10)
+            assert done, f"the term outlived the stall limit ({limit:.1f}s) by 10s"
+            assert isinstance(term.task.exception(), LeadershipLost | DatabaseUnavailable)
+
+
+async def test_rows_claimed_by_a_transaction_whose_answer_was_lost_are_released_and_sent(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    # Found by review: a claim whose COMMIT landed but whose answer was lost left rows in
+    # flight under the leader's own token, tracked by nobody, until leadership changed.
+    async with hostile_provider(first_attempt({})) as provider, proxied(database_url) as cut:
+        direct = dispatch_settings(database_url, provider.url)
+        settings = direct.model_copy(
+            update={"database_url": cut.url_for(database_url), "db_timeout": 0.5}
+        )
+        async with leading(settings, token=30):
+            await asyncio.sleep(0.3)  # the term is up and fenced
+            cut.cut()  # the leader's claims now fail...
+            await enqueue(direct, ["lost0", "lost1", "lost2"])
+            # ...and one of them did commit, as far as the database is concerned.
+            await db.execute(
+                "UPDATE payments SET status = 'in_flight', fence_token = 30, "
+                "attempts = attempts + 1 WHERE reference LIKE 'lost%'"
+            )
+            await asyncio.sleep(1.0)
+            cut.heal()
+            for reference in ("lost0", "lost1", "lost2"):
+                await until_status(db, reference, "succeeded")
+    assert len(provider.charges) == 3

@@ -217,3 +217,44 @@ async def test_a_key_without_a_lease_under_the_prefix_neither_blocks_nor_leads(
     async with EtcdClient(etcd.endpoints, timeout=1.0) as client:
         kv, _ = await client.get(planted)
         assert kv is not None, "the elector never deletes what it does not own"
+
+
+async def test_an_observer_cut_off_from_etcd_names_no_leader_until_etcd_confirms_again(
+    etcd3: EtcdCluster,
+) -> None:
+    # A hung cluster (every member SIGSTOPped) looks to the observer like a partition: the
+    # watch goes silent and reads time out. The view it served must turn into "unknown since"
+    # within a lease TTL plus one confirmation round, and come back once etcd answers.
+    prefix = f"/paydispatch-test/{uuid.uuid4().hex}/"
+    async with EtcdClient(etcd3.endpoints, timeout=1.0) as client:
+        lease = await client.grant_lease(60)
+        created, _, _ = await client.create_if_absent(
+            f"{prefix}{lease:016x}", b'{"node_id": "far-away", "url": "http://x.invalid"}', lease
+        )
+        assert created
+        observer = LeaderObserver(config(etcd3, prefix, "watcher"), client)
+        watching = asyncio.create_task(observer.run())
+        try:
+            await until(lambda: observer.confirmed_leader() is not None, "a confirmed leader")
+            for member in etcd3.members:
+                member.pause()
+            cut = time.monotonic()
+            try:
+                await until(lambda: not observer.view().confirmed, "the view turns unknown")
+                went_unknown = time.monotonic() - cut
+                view = observer.view()
+                assert view.leader is None
+                assert observer.confirmed_leader() is None
+                assert view.unknown_since is not None
+                # stale_after (TTL 2 s) + one confirmation interval + slack for this machine.
+                assert went_unknown < observer.stale_after + observer.confirm_interval + 1.5
+            finally:
+                for member in etcd3.members:
+                    member.resume()
+            await until(lambda: observer.view().confirmed, "etcd confirms the view again")
+            leader = observer.confirmed_leader()
+            assert leader is not None
+            assert leader.node_id == "far-away"
+        finally:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)

@@ -24,8 +24,7 @@ from hypothesis import strategies as st
 
 from app.domain.payment import PaymentRequest
 from app.settings import Settings, load_settings
-from app.store import payments as store
-from app.store.engine import create_engine
+from app.store.ingest import IngestStore
 from tests.conftest import TEST_API_KEY
 from tests.support.hostile import (
     Anomaly,
@@ -56,14 +55,15 @@ def dispatch_settings(database_url: str, provider_url: str) -> Settings:
 
 
 async def enqueue(settings: Settings, references: Sequence[str], amount: int = 1234) -> None:
-    engine = create_engine(settings, pool_size=2, autocommit=True)
+    # The ingest path a replica uses (app.store.ingest), on a small pool of its own.
+    ingest = IngestStore(settings.database_url, size=2, timeout=settings.db_timeout)
+    await ingest.open()
     try:
-        async with engine.connect() as conn:
-            for reference in references:
-                request = PaymentRequest(amount=amount, currency="EUR", reference=reference)
-                await store.enqueue(conn, f"client-{reference}", request)
+        for reference in references:
+            request = PaymentRequest(amount=amount, currency="EUR", reference=reference)
+            await ingest.enqueue(f"client-{reference}", request, request.fingerprint())
     finally:
-        await engine.dispose()
+        await ingest.close()
 
 
 async def rows(db: asyncpg.Connection, references: Sequence[str]) -> list[dict[str, Any]]:
@@ -125,6 +125,7 @@ EXPECTED = {
     Anomaly.OTHER_KEY: "needs_reconciliation",
     Anomaly.INVALID_400: "failed",
     Anomaly.INVALID_422: "failed",
+    Anomaly.INVALID_NUL_TEXT: "failed",
 }
 
 

@@ -44,6 +44,8 @@ class Anomaly(StrEnum):
     DEEP_JSON = "deep_json"  # charged; 201 whose body nests past any JSON decoder's limit
     INVALID_400 = "invalid_400"  # never charged: the provider rejects the request, every time
     INVALID_422 = "invalid_422"  # never charged: the same, as 422
+    INVALID_NUL_TEXT = "invalid_nul_text"  # never charged: 400 whose reason holds a NUL
+    POISON_TEXT_500 = "poison_text_500"  # not charged; 500 with a NUL and a lone surrogate
 
     @property
     def charges_first(self) -> bool:
@@ -53,7 +55,7 @@ class Anomaly(StrEnum):
     @property
     def final(self) -> bool:
         """True when the answer proves the request is invalid (the only honest ``failed``)."""
-        return self in (Anomaly.INVALID_400, Anomaly.INVALID_422)
+        return self in (Anomaly.INVALID_400, Anomaly.INVALID_422, Anomaly.INVALID_NUL_TEXT)
 
 
 CHARGED_FIRST = frozenset(
@@ -207,6 +209,13 @@ class HostileProvider:
                     body=b'{"id": "ch_deep", "x": ' + b"[" * depth + b"]" * depth + b"}",
                     content_type="application/json",
                 )
+            case Anomaly.INVALID_NUL_TEXT:
+                # Text Postgres cannot store: it must not fail the leader's batch of writes.
+                return web.json_response(
+                    {"title": "Invalid", "detail": "card\x00number is not valid"}, status=400
+                )
+            case Anomaly.POISON_TEXT_500:
+                return web.json_response({"title": "oops \ud800 \x00"}, status=500)
             case Anomaly.INVALID_400 | Anomaly.INVALID_422:
                 status = 400 if anomaly is Anomaly.INVALID_400 else 422
                 return web.json_response(

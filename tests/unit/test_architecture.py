@@ -14,10 +14,23 @@ APP = ROOT / "app"
 
 # package → packages of app/ it must never import (directly or through app.<module>)
 FORBIDDEN: dict[str, set[str]] = {
-    "domain": {"store", "leadership", "dispatch", "web", "obs", "ops", "stack", "replica"},
-    "store": {"leadership", "dispatch", "web", "obs", "ops", "stack", "replica"},
-    "leadership": {"store", "dispatch", "web", "obs", "ops", "stack", "replica"},
-    "dispatch": {"web", "ops", "stack", "replica"},
+    "domain": {
+        "store",
+        "leadership",
+        "dispatch",
+        "failover",
+        "web",
+        "obs",
+        "ops",
+        "stack",
+        "replica",
+    },
+    "store": {"leadership", "dispatch", "failover", "web", "obs", "ops", "stack", "replica"},
+    "leadership": {"store", "dispatch", "failover", "web", "obs", "ops", "stack", "replica"},
+    "dispatch": {"failover", "web", "ops", "stack", "replica"},
+    # Crash detection: leadership (etcd, the observer) and store (the liveness lock); the
+    # dispatch side runs its beacon only through DispatchLeader's companions.
+    "failover": {"dispatch", "web", "obs", "ops", "stack", "replica"},
     "obs": {"web", "ops", "stack", "replica"},
     "web": {"ops", "stack", "replica"},
     "ops": {"stack", "store", "leadership", "dispatch", "web", "replica"},

@@ -6,7 +6,7 @@ import re
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 
-from load.chart import HEIGHT, PAD, WIDTH, timeline_html
+from load.chart import BOTTOM, FAULT, HEIGHT, LEFT, RIGHT, TOP, WIDTH, timeline_html
 from load.scenario import Failover, Sample
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -65,7 +65,16 @@ RUN = timeline_html(
         Failover("etcd-member", at=3.0, old_token=9, seconds=None),
     ],
     summary={"payments": 37, "exactly_once": True},
+    per_second=[(0, 0, 4.0), (1, 3, 40.0), (2, 7, 90.0), (3, 0, 5.0)],
 )
+
+TOKEN = "#2a7d2a"
+
+
+def token_line(page: str) -> ET.Element:
+    lines = [p for p in svg_of(page).findall(f"{SVG}polyline") if p.attrib["stroke"] == TOKEN]
+    assert len(lines) == 1
+    return lines[0]
 
 
 def test_the_page_is_well_formed_html_around_a_well_formed_svg() -> None:
@@ -82,7 +91,23 @@ def test_each_second_is_one_bar_titled_with_its_count() -> None:
         "1s: 12 charged",
         "2s: 0 charged",
         "3s: 15 charged",
+        "1s: 3 failed attempts",
+        "2s: 7 failed attempts",
     ]
+
+
+def test_ingest_p99_is_a_line_and_every_axis_is_labelled() -> None:
+    svg = svg_of(RUN)
+    p99 = [p for p in svg.findall(f"{SVG}polyline") if p.attrib["stroke"] == "#7a3fb0"]
+    texts = [t.text or "" for t in svg.iter(f"{SVG}text")]
+
+    assert len(p99) == 1
+    assert len(p99[0].attrib["points"].split()) == 4
+    assert "time since start (s)" in texts
+    assert any(t.startswith("charged per second") for t in texts)
+    assert any(t.startswith("client attempts failed") for t in texts)
+    assert any(t.startswith("ingest p99") for t in texts)
+    assert any(t.startswith("leader's fencing token") for t in texts)
 
 
 def test_every_bar_stays_inside_the_plot() -> None:
@@ -91,27 +116,23 @@ def test_every_bar_stays_inside_the_plot() -> None:
     for bar in bars:
         left, width = float(bar.attrib["x"]), float(bar.attrib["width"])
         top, height = float(bar.attrib["y"]), float(bar.attrib["height"])
-        assert left >= PAD
-        assert left + width <= WIDTH - PAD + 0.5
-        assert top >= PAD - 0.5
-        assert top + height <= HEIGHT - PAD + 0.5
+        assert left >= LEFT
+        assert left + width <= WIDTH - RIGHT + 0.5
+        assert top >= TOP - 0.5
+        assert top + height <= HEIGHT - BOTTOM + 0.5
 
 
 def test_each_fault_is_a_red_line_labelled_with_its_downtime() -> None:
     svg = svg_of(RUN)
-    lines = svg.findall(f"{SVG}line")
-    labels = [t.text for t in svg.findall(f"{SVG}text") if t.attrib.get("fill") == "#d33"]
+    lines = [line for line in svg.findall(f"{SVG}line") if line.attrib["stroke"] == FAULT]
+    labels = [t.text for t in svg.findall(f"{SVG}text") if t.attrib.get("fill") == FAULT]
 
     assert len(lines) == 2
-    assert all(line.attrib["stroke"] == "#d33" for line in lines)
     assert labels == ["kill (0.84s)", "etcd-member"]
 
 
 def test_the_leader_token_is_one_step_line_skipping_leaderless_samples() -> None:
-    polylines = svg_of(RUN).findall(f"{SVG}polyline")
-
-    assert len(polylines) == 1
-    points = polylines[0].attrib["points"].split()
+    points = token_line(RUN).attrib["points"].split()
     # four samples with a token: the first point, then a horizontal step + a point for each
     assert len(points) == 1 + 2 * 3
     heights = [float(p.split(",")[1]) for p in points]
@@ -129,16 +150,14 @@ def test_no_input_still_renders_an_empty_chart() -> None:
 
     assert balanced(page)
     assert svg.findall(f"{SVG}polyline") == []
-    assert svg.findall(f"{SVG}line") == []
+    assert [line for line in svg.findall(f"{SVG}line") if line.attrib["stroke"] == FAULT] == []
     assert "<table></table>" in page
     assert not re.search(r"nan|inf", page, re.IGNORECASE)
 
 
 def test_a_single_leader_token_draws_a_flat_line_without_dividing_by_zero() -> None:
     page = timeline_html("one leader", [(0, 1)], [sample(0, 3), sample(4, 3)], [], {})
-    heights = {
-        p.split(",")[1] for p in svg_of(page).findall(f"{SVG}polyline")[0].attrib["points"].split()
-    }
+    heights = {p.split(",")[1] for p in token_line(page).attrib["points"].split()}
 
     assert len(heights) == 1
 

@@ -22,6 +22,7 @@ from app.domain.outcome import (
     decode_body,
     mismatch,
     parse_retry_after,
+    storable_text,
 )
 from app.domain.payment import ChargeRequest
 from app.errors import (
@@ -320,12 +321,7 @@ def test_decode_body_gives_an_empty_object_for_anything_but_a_json_object(body: 
 
 
 def test_the_ledger_charge_filed_under_the_key_is_found_with_what_it_charged() -> None:
-    page = {
-        "data": [
-            charge_body(id="ch_a", idempotency_key="other"),
-            charge_body(id="ch_b", status="declined", decline_code="x"),
-        ]
-    }
+    page = {"data": [charge_body(id="ch_b", status="declined", decline_code="x")]}
 
     found = charge_from_ledger(page, "9b2f-key")
 
@@ -334,13 +330,33 @@ def test_the_ledger_charge_filed_under_the_key_is_found_with_what_it_charged() -
     assert mismatch(found, REQUEST) is None
 
 
+def test_an_empty_ledger_page_for_the_key_is_no_charge() -> None:
+    assert charge_from_ledger({"data": []}, "9b2f-key") is None
+
+
 @pytest.mark.parametrize(
     "page",
-    [{"data": []}, {"data": [charge_body(idempotency_key="k2")]}, {"data": ["junk", 3]}],
-    ids=["empty", "other-key", "junk-items"],
+    [
+        {"data": [charge_body(idempotency_key="k2")]},
+        {"data": [charge_body(), charge_body(id="ch_a", idempotency_key="other")]},
+        {"data": ["junk", 3]},
+    ],
+    ids=["other-key", "ours-and-another", "junk-items"],
 )
-def test_no_ledger_charge_under_the_key_is_none(page: dict[str, object]) -> None:
-    assert charge_from_ledger(page, "9b2f-key") is None
+def test_a_lookup_answered_with_other_charges_proves_nothing(page: dict[str, object]) -> None:
+    # The provider ignored the key filter: "our key is not among them" would prove nothing.
+    with pytest.raises(UnknownOutcome, match="other charges"):
+        charge_from_ledger(page, "9b2f-key")
+
+
+@pytest.mark.parametrize("charge_id", ["ch\x00x", "ch\ud800", "ch\nx"])
+def test_a_charge_id_that_cannot_be_stored_as_text_is_no_charge(charge_id: str) -> None:
+    with pytest.raises(UnknownOutcome):
+        classify(201, raw(charge_body(id=charge_id)))
+
+
+def test_provider_text_is_made_storable_whatever_it_holds() -> None:
+    assert storable_text("card\x00number \ud800 ok") == "card\ufffdnumber ? ok"
 
 
 @pytest.mark.parametrize("page", [{}, {"data": None}, {"data": {"id": "ch_1"}}, {"data": "x"}])

@@ -1,0 +1,68 @@
+"""The figures a scenario report derives from its samples (load/scenario.py), on planted
+samples: the longest charging gap, queue depth, and each fault's backlog and token changes."""
+
+from __future__ import annotations
+
+from load.scenario import (
+    Failover,
+    Sample,
+    failover_figures,
+    longest_charging_gap,
+    queue_depth_figures,
+)
+
+
+def sample(t: float, charged: int, depth: int, token: int | None = 1) -> Sample:
+    return Sample(t, "n1", token, accepted=charged + depth, charged=charged, queue_depth=depth)
+
+
+def test_the_longest_gap_counts_only_seconds_with_a_queue_and_no_charge() -> None:
+    samples = [
+        sample(0, 0, 5),
+        sample(1, 10, 5),
+        sample(2, 10, 8),  # stalled from t=1
+        sample(3, 10, 12),
+        sample(4, 20, 3),  # moving again: the gap was 1 → 3
+        sample(5, 20, 0),
+        sample(9, 20, 0),  # nothing queued: idle, not a gap
+    ]
+
+    assert longest_charging_gap(samples) == 2.0
+
+
+def test_no_samples_and_a_steady_run_have_no_gap() -> None:
+    assert longest_charging_gap([]) == 0.0
+    assert longest_charging_gap([sample(t, 10 * t, 3) for t in range(10)]) == 0.0
+
+
+def test_queue_depth_figures_give_the_maximum_and_p99() -> None:
+    figures = queue_depth_figures([sample(t, t, t) for t in range(101)])
+
+    assert figures["max"] == 100
+    assert 98 <= figures["p99"] <= 100
+    assert queue_depth_figures([]) == {"max": 0.0, "p99": 0.0}
+
+
+def test_a_faults_figures_count_token_changes_and_the_time_to_drain() -> None:
+    samples = [
+        sample(0, 0, 2, token=3),
+        sample(1, 5, 2, token=3),
+        sample(2, 5, 40, token=None),  # no leader observed
+        sample(3, 5, 90, token=4),
+        sample(4, 60, 30, token=4),
+        sample(6, 120, 2, token=4),  # back to the depth before the fault
+    ]
+    fault = Failover("kill", at=1.5, old_token=3, seconds=1.7, new_token=4)
+
+    figures = failover_figures(fault, samples)
+
+    assert figures["token_changes"] == 1
+    assert figures["backlog_peak"] == 90
+    assert figures["drain_s"] == 4.5
+    assert figures["error"] is None
+
+
+def test_a_backlog_never_drained_is_reported_as_such() -> None:
+    samples = [sample(0, 0, 2), sample(1, 0, 50), sample(2, 0, 80)]
+
+    assert failover_figures(Failover("stop", 0.5, 1, None), samples)["drain_s"] is None
