@@ -153,9 +153,7 @@ async def _leadership(app: web.Application) -> AsyncIterator[None]:
         # on the leader's profile.
         cookie_jar=aiohttp.DummyCookieJar(),
     )
-    provider = ProviderClient(
-        settings.provider_url, http, max_connections=settings.dispatch_concurrency
-    )
+    provider = ProviderClient(settings.provider_url, http)
     dispatch_stats = DispatchStats()
     # Fast crash detection (app.failover): the leader holds its liveness lock beside the
     # dispatcher; every replica's detector waits on the current leader's.
@@ -203,7 +201,6 @@ async def _leadership(app: web.Application) -> AsyncIterator[None]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await client.close()
-        provider.close()
         await http.close()
         await leader_engine.dispose()
 
