@@ -32,7 +32,7 @@ from app.stack.nemesis import Nemesis, Partition
 from app.stack.netns import Network, netns_unavailable
 from load.checker import check_exactly_once, wait_until_settled
 from load.loadgen import post_payments
-from load.scenario import ScenarioResult, observed_leader, stale_writes
+from load.scenario import ScenarioResult, charge_figures, observed_leader, stale_writes
 
 # Shorter than the defaults (db 3 s, provider 5 s) so a Postgres cut ends a term in 10 s,
 # not 16 s: stall limit = 3 x db_timeout + provider_timeout + 2.
@@ -377,39 +377,6 @@ async def _charging_figures(
     }
 
 
-async def _token_gaps(database_url: str) -> tuple[list[dict[str, float | int]], float]:
-    """Between consecutive leaders: last charge by the old token → first by the new one;
-    and the charging rate over the run (charges / first ingest → last charge)."""
-    conn = await asyncpg.connect(database_url, timeout=5)
-    try:
-        per_token = await conn.fetch(
-            "SELECT fence_token AS token,"
-            " extract(epoch FROM min(completed_at))::float8 AS first,"
-            " extract(epoch FROM max(completed_at))::float8 AS last"
-            " FROM payments WHERE status IN ('succeeded', 'declined')"
-            " GROUP BY fence_token ORDER BY fence_token"
-        )
-        span = await conn.fetchrow(
-            "SELECT extract(epoch FROM min(created_at))::float8 AS first,"
-            " extract(epoch FROM max(completed_at))::float8 AS last, count(*) AS n"
-            " FROM payments WHERE status IN ('succeeded', 'declined')"
-        )
-    finally:
-        await conn.close()
-    gaps: list[dict[str, float | int]] = [
-        {
-            "from_token": int(old["token"]),
-            "to_token": int(new["token"]),
-            "gap_seconds": round(float(new["first"]) - float(old["last"]), 3),
-        }
-        for old, new in itertools.pairwise(per_token)
-    ]
-    rate = 0.0
-    if span["n"] and span["last"] and span["first"] and span["last"] > span["first"]:
-        rate = int(span["n"]) / (float(span["last"]) - float(span["first"]))
-    return gaps, rate
-
-
 def _window_end(partitions: list[Partition], i: int) -> float:
     """Where partition ``i``'s figures stop: WINDOW_AFTER_HEAL_S past its heal, or the next
     partition's start if that comes first (so a sequence does not count one cut twice)."""
@@ -558,7 +525,9 @@ async def run_partition_scenario(
     result.stale_writes_rejected = await asyncio.to_thread(
         stale_writes, [n.url for n in stack.nodes], stack.api_key
     )
-    result.token_changes, result.throughput_per_s = await _token_gaps(stack.database_url)
+    charging_overall = await charge_figures(stack.database_url)
+    result.token_changes = charging_overall.token_changes
+    result.throughput_per_s = charging_overall.throughput_per_s
     figures = []
     for i, partition in enumerate(run.partitions):
         end = _window_end(run.partitions, i)

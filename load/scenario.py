@@ -396,26 +396,31 @@ async def run_scenario(
     result.stale_writes_rejected = await asyncio.to_thread(
         stale_writes, target.node_urls, target.api_key
     )
-    rows, per_token, span = await _retrying(
-        "the charge figures", lambda: _charge_figures(target.database_url)
-    )
-    result.token_changes = [
-        {
-            "from_token": int(old["token"]),
-            "to_token": int(new["token"]),
-            "gap_seconds": round(float(new["first"]) - float(old["last"]), 3),
-        }
-        for old, new in itertools.pairwise(per_token)
+    figures = await _retrying("the charge figures", lambda: charge_figures(target.database_url))
+    result.token_changes = figures.token_changes
+    result.throughput_per_s = figures.throughput_per_s
+    result.charged_per_second = [
+        (second - int(wall_started), n) for second, n in figures.charged_per_second
     ]
-    result.charged_per_second = [(int(r["s"]) - int(wall_started), int(r["n"])) for r in rows]
-    if span["n"] and span["last"] and span["first"] and span["last"] > span["first"]:
-        result.throughput_per_s = int(span["n"]) / (span["last"] - span["first"])
     if progress_path is not None:
         await asyncio.to_thread(_write_json, progress_path, {"status": "done", **result.report()})
     return result
 
 
-async def _charge_figures(database_url: str) -> tuple[list[Any], list[Any], Any]:
+@dataclass
+class ChargeFigures:
+    """What the payments table says about charging over a run."""
+
+    # (epoch second, charges completed in it)
+    charged_per_second: list[tuple[int, int]]
+    # Between consecutive leaders: last charge by the old token → first by the new one.
+    token_changes: list[dict[str, float | int]]
+    throughput_per_s: float  # charges / (first ingest → last charge)
+
+
+async def charge_figures(database_url: str) -> ChargeFigures:
+    """Charging per second, the gap at each leader change and the throughput, from the
+    payments table (what a remote run without fault injection can still report)."""
     conn = await asyncpg.connect(database_url, timeout=5)
     try:
         rows = await conn.fetch(
@@ -436,7 +441,21 @@ async def _charge_figures(database_url: str) -> tuple[list[Any], list[Any], Any]
         )
     finally:
         await conn.close()
-    return list(rows), list(per_token), span
+    throughput = 0.0
+    if span["n"] and span["last"] and span["first"] and span["last"] > span["first"]:
+        throughput = int(span["n"]) / (float(span["last"]) - float(span["first"]))
+    return ChargeFigures(
+        charged_per_second=[(int(r["s"]), int(r["n"])) for r in rows],
+        token_changes=[
+            {
+                "from_token": int(old["token"]),
+                "to_token": int(new["token"]),
+                "gap_seconds": round(float(new["first"]) - float(old["last"]), 3),
+            }
+            for old, new in itertools.pairwise(per_token)
+        ],
+        throughput_per_s=throughput,
+    )
 
 
 def _write_progress(
