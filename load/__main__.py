@@ -34,13 +34,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1, help="seed of the chaos mix")
     parser.add_argument("--report", type=Path, help="write the JSON report here")
     parser.add_argument("--settle-timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--keep-dir", type=Path, help="keep the local stack's logs and data here (to read after)"
+    )
     partitions = parser.add_argument_group("partition scenarios (root: network namespaces)")
     partitions.add_argument("--hold", type=float, default=8.0, help="seconds a cut holds")
     partitions.add_argument("--flap-for", type=float, default=15.0, help="seconds of flapping")
     partitions.add_argument("--steps", type=int, default=4, help="partitions of partition-chaos")
-    partitions.add_argument(
-        "--keep-dir", type=Path, help="keep the stack's logs and data here (to read after a run)"
-    )
     remote = parser.add_argument_group("a running deployment instead of the local stack")
     remote.add_argument(
         "--target",
@@ -151,12 +151,19 @@ async def run_local(args: argparse.Namespace, faults: list[str]) -> ScenarioResu
         provider_settings=dict(scenario.provider),
         replica_env=dict(scenario.replica_env),
         say=lambda s: print(f"· {s}"),
+        base_dir=_kept(args.keep_dir),
     )
     await asyncio.to_thread(stack.start)
     try:
         return await _run(stack.target(), args, faults)
     finally:
         await asyncio.to_thread(stack.stop)
+
+
+def _kept(keep_dir: Path | None) -> Path | None:
+    if keep_dir is not None:
+        keep_dir.mkdir(parents=True, exist_ok=True)
+    return keep_dir
 
 
 def run_partitions(args: argparse.Namespace) -> int:

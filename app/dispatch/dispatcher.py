@@ -53,9 +53,10 @@ log = logging.getLogger(__name__)
 
 # Seconds between retries of a write or a claim while Postgres does not answer.
 OUTAGE_RETRY = 0.5
-# Recording is batched like River's completer: a batch is written once RECORD_BATCH outcomes
-# wait or RECORD_FLUSH seconds after the first of them, whichever comes first. One statement
-# per batch instead of one per handful of calls; a slot is freed at most RECORD_FLUSH late.
+# Recording is batched like River's completer, but rate-limited rather than delayed: a batch
+# is written at most once per RECORD_FLUSH seconds (or as soon as RECORD_BATCH outcomes
+# wait). Under load that is one statement per handful of calls; an outcome that arrives
+# after a quiet spell — the first of a new term, a lone payment — is written at once.
 RECORD_BATCH = 100
 RECORD_FLUSH = 0.05
 # A claim that came back short means the queue is (nearly) empty: the next one waits for a
@@ -63,8 +64,10 @@ RECORD_FLUSH = 0.05
 # per CLAIM_GAP seconds. The first claim after a quiet spell goes at once (idle latency).
 CLAIM_GAP = 0.01
 # Expired provider keys are never claimed (the claim filters them); moving them to
-# needs_reconciliation is bookkeeping, done this often rather than on every claim.
+# needs_reconciliation is bookkeeping, done this often rather than on every claim, and first
+# PARK_FIRST seconds into a term: not between a new leader and its first charge.
 PARK_INTERVAL = 5.0
+PARK_FIRST = 1.0
 # Seconds between checks for rows in flight under our token that no call of ours holds.
 UNTRACKED_EVERY = 30.0
 # Longest a reconcile pass may take; the next pass resumes where it stopped.
@@ -135,7 +138,7 @@ class Dispatcher:
         # One connection per task that writes: the claim loop's and the recorder's.
         self._claim_lane: LeaderLane = lane()
         self._record_lane: LeaderLane = lane()
-        self._parked_at = -PARK_INTERVAL  # monotonic; the first claim parks first
+        self._parked_at = time.monotonic() - PARK_INTERVAL + PARK_FIRST  # monotonic
         self._claimed_at = -CLAIM_GAP
         self._outcome_counters: dict[str, Any] = {}  # metric children, one per outcome
         self.retry = retry_policy(settings)
@@ -145,11 +148,13 @@ class Dispatcher:
         # by _final_writes if the recorder is cancelled holding it (recording is idempotent).
         self._recording: list[Outcome] = []
         self._recorder_idle = asyncio.Event()
+        self._recorded_at = -RECORD_FLUSH  # loop time of the last batch write
         self._calls: dict[int, asyncio.Task[None]] = {}
         self._claimed: set[int] = set()  # in flight under our token, not yet recorded
         self._lost: LeadershipLost | None = None  # set by a call that found the term over
         self._outage_since: float | None = None  # monotonic start of a Postgres outage
         self._claim_unsure = False  # a claim failed: it may have committed unseen
+        self._first_claimed = False
         self._untracked_checked = time.monotonic()
         self._sweep_after = 0  # where the next reconcile pass resumes
 
@@ -164,6 +169,12 @@ class Dispatcher:
             asyncio.create_task(self._listen(), name="dispatch-listener"),
             asyncio.create_task(self._reconcile_loop(), name="dispatch-reconcile"),
         ]
+        # Both lanes connect while the recovery runs, not on the first claim and record:
+        # a new leader's first charge should wait for no connection set-up it can avoid.
+        warming = [
+            asyncio.create_task(lane.connect(self.settings.db_timeout), name="lane-connect")
+            for lane in (self._claim_lane, self._record_lane)
+        ]
         try:
             await self._recover()
             await self._claim_loop(helpers)
@@ -172,6 +183,9 @@ class Dispatcher:
             # Shielded: the elector cancels this task when it steps down, possibly while we
             # are already unwinding; the final (fenced) writes must still be attempted.
             # _leave is bounded by its own timeouts.
+            for task in warming:
+                task.cancel()
+            await asyncio.gather(*warming, return_exceptions=True)
             leaving = asyncio.ensure_future(self._leave(helpers))
             try:
                 await asyncio.shield(leaving)
@@ -228,6 +242,15 @@ class Dispatcher:
                     continue
                 self._back()
                 self.last_progress = time.monotonic()
+                if not self._first_claimed:
+                    self._first_claimed = True
+                    # How long a handover or failover kept charging stopped on our side.
+                    log.info(
+                        "token %s: first claim %.0f ms after election (%d due)",
+                        self.token,
+                        (self.leadership.clock() - self.leadership.elected_at) * 1000,
+                        len(batch),
+                    )
                 for payment in batch:
                     self._start_call(payment)
                 if len(batch) == want:
@@ -446,7 +469,7 @@ class Dispatcher:
             first = await self._outcomes.get()
             self._recorder_idle.clear()
             batch = self._recording = [first]
-            flush_at = loop.time() + RECORD_FLUSH
+            flush_at = self._recorded_at + RECORD_FLUSH
             while len(batch) < RECORD_BATCH:
                 if self._outcomes.empty():
                     left = flush_at - loop.time()
@@ -459,6 +482,7 @@ class Dispatcher:
                         break
                 else:
                     batch.append(self._outcomes.get_nowait())
+            self._recorded_at = loop.time()
             while True:
                 try:
                     await self._record(batch)

@@ -124,6 +124,7 @@ class LeaderLane:
         self.token = token
         self.on_stale = on_stale
         self._conn: Any = None  # asyncpg.Connection (asyncpg ships no type information)
+        self._connecting = asyncio.Lock()
 
     async def claim(self, *, limit: int, horizon: float, timeout: float) -> list[Claimed]:
         """Stamp up to ``limit`` due pending payments in_flight under our token (oldest due
@@ -173,6 +174,13 @@ class LeaderLane:
             [o.http_status for o in outcomes],
         )
 
+    async def connect(self, timeout: float) -> None:
+        """Open the connection ahead of the first statement. Best effort: a failure here is
+        left for the first statement to meet (and report) again."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(timeout):
+                await self._connection()
+
     async def close(self) -> None:
         """Close the connection (bounded: a dead server must not hold the term's exit)."""
         conn, self._conn = self._conn, None
@@ -186,13 +194,8 @@ class LeaderLane:
     async def _fetch(self, timeout: float, query: str, *args: object) -> list[Any]:
         try:
             async with asyncio.timeout(timeout):
-                if self._conn is None or self._conn.is_closed():
-                    self._conn = await asyncpg.connect(
-                        self._dsn,
-                        timeout=self._connect_timeout,
-                        server_settings=self._server_settings,
-                    )
-                rows: list[Any] = await self._conn.fetch(query, *args)
+                conn = await self._connection()
+                rows: list[Any] = await conn.fetch(query, *args)
                 return rows
         except (LeadershipLost, asyncio.CancelledError):
             self._drop()
@@ -209,6 +212,17 @@ class LeaderLane:
             if typed is None:
                 raise
             raise typed from exc
+
+    async def _connection(self) -> Any:
+        # One connect at a time: the eager connect() and a first statement may overlap.
+        async with self._connecting:
+            if self._conn is None or self._conn.is_closed():
+                self._conn = await asyncpg.connect(
+                    self._dsn,
+                    timeout=self._connect_timeout,
+                    server_settings=self._server_settings,
+                )
+            return self._conn
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
