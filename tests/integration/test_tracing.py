@@ -15,7 +15,8 @@ import os
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,8 @@ import pytest
 from app.ops.client import http_json
 from app.stack.etcd import EtcdCluster
 from app.stack.replica import ReplicaProcess
-from app.stack.sandbox_process import SandboxProcess, start_sandbox_process, stop_sandbox_process
-from tests.cluster import TEST_API_KEY, cluster_env, running_replicas, wait_for
+from app.stack.sandbox_process import SandboxProcess
+from tests.cluster import TEST_API_KEY, Replicas, cluster_env, running_replicas, wait_for
 from tests.support.otlp import (
     KIND_CLIENT,
     KIND_CONSUMER,
@@ -43,48 +44,37 @@ CLIENT_PARENT = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
 STATUS_ERROR = 2
 
 
-@pytest.fixture
-async def provider(tmp_path: Path) -> AsyncIterator[SandboxProcess]:
-    sandbox = await start_sandbox_process(tmp_path)
-    try:
-        yield sandbox
-    finally:
-        await stop_sandbox_process(sandbox.process)
+@dataclass(frozen=True)
+class Traced:
+    """What a tracing test arranges: the replicas' environment (traces on, exported to
+    ``spans`` every 100 ms; charges through ``provider``), the collector and the proxy."""
+
+    env: dict[str, str]
+    spans: TraceCollector
+    provider: RecordingProvider
 
 
 @pytest.fixture
-def collector() -> Iterator[tuple[TraceCollector, str]]:
-    spans = TraceCollector()
-    with serving(spans.app) as url:
-        yield spans, url
-
-
-@pytest.fixture
-def proxy(provider: SandboxProcess) -> Iterator[tuple[RecordingProvider, str]]:
-    recording = RecordingProvider(provider.base_url)
-    with serving(recording.app) as url:
-        yield recording, url
-
-
-@pytest.fixture
-def traced_env(
+def traced(
     database_url: str,
     etcd: EtcdCluster,
-    collector: tuple[TraceCollector, str],
-    proxy: tuple[RecordingProvider, str],
+    provider: SandboxProcess,
     monkeypatch: pytest.MonkeyPatch,
-) -> dict[str, str]:
-    """Replica environment with traces on, exported to the collector every 100 ms."""
+) -> Iterator[Traced]:
     for name in [name for name in os.environ if name.startswith("OTEL_")]:
         monkeypatch.delenv(name)  # replicas inherit ours: only what the test sets counts
-    return cluster_env(
-        database_url,
-        etcd.endpoints_csv,
-        PAYDISPATCH_PROVIDER_URL=proxy[1],
-        PAYDISPATCH_RETRY_MAX_DELAY="0.5",
-        OTEL_EXPORTER_OTLP_ENDPOINT=collector[1],
-        OTEL_BSP_SCHEDULE_DELAY="100",
-    )
+    spans = TraceCollector()
+    recording = RecordingProvider(provider.base_url)
+    with serving(spans.app) as collector_url, serving(recording.app) as provider_url:
+        env = cluster_env(
+            database_url,
+            etcd.endpoints_csv,
+            PAYDISPATCH_PROVIDER_URL=provider_url,
+            PAYDISPATCH_RETRY_MAX_DELAY="0.5",
+            OTEL_EXPORTER_OTLP_ENDPOINT=collector_url,
+            OTEL_BSP_SCHEDULE_DELAY="100",
+        )
+        yield Traced(env, spans, recording)
 
 
 def post_payment(url: str, traceparent: str | None = None) -> tuple[int, dict[str, Any]]:
@@ -150,22 +140,24 @@ def spans_of(
     return wait_for(probe, timeout, interval=0.1, what=f"spans of payment {payment_id}")
 
 
+def leader_and_follower(
+    replicas: Replicas,
+) -> tuple[dict[str, Any], ReplicaProcess, ReplicaProcess]:
+    """Once two replicas run: the leader's /v1/node view, the leader, the other one."""
+    view = replicas.wait_leader()
+    leader = replicas.by_id(view["node_id"])
+    return view, leader, next(r for r in replicas.all if r is not leader)
+
+
 ALL_THREE = {"POST /v1/payments": 1, "dispatch attempt": 1, "POST /v1/charges": 1}
 
 
 async def test_a_payment_ingested_on_a_follower_and_charged_by_the_leader_is_one_trace(
-    database_url: str,
-    traced_env: dict[str, str],
-    collector: tuple[TraceCollector, str],
-    proxy: tuple[RecordingProvider, str],
-    tmp_path: Path,
+    traced: Traced, tmp_path: Path
 ) -> None:
-    spans, _ = collector
-    recording, _ = proxy
-    with running_replicas(2, traced_env, tmp_path) as replicas:
-        leader_view = replicas.wait_leader()
-        leader = replicas.by_id(leader_view["node_id"])
-        follower = next(r for r in replicas.all if r is not leader)
+    spans, recording = traced.spans, traced.provider
+    with running_replicas(2, traced.env, tmp_path) as replicas:
+        leader_view, leader, follower = leader_and_follower(replicas)
 
         status, payment = post_payment(follower.url, CLIENT_PARENT)
         assert status == 202
@@ -201,16 +193,12 @@ async def test_a_payment_ingested_on_a_follower_and_charged_by_the_leader_is_one
 
 
 async def test_a_malformed_traceparent_is_accepted_and_starts_a_fresh_trace(
-    database_url: str,
-    traced_env: dict[str, str],
-    collector: tuple[TraceCollector, str],
-    tmp_path: Path,
+    database_url: str, traced: Traced, tmp_path: Path
 ) -> None:
-    spans, _ = collector
-    plain_env = {name: value for name, value in traced_env.items() if not name.startswith("OTEL_")}
-    with running_replicas(2, traced_env, tmp_path) as replicas:
-        leader = replicas.by_id(replicas.wait_leader()["node_id"])
-        follower = next(r for r in replicas.all if r is not leader)
+    spans = traced.spans
+    plain_env = {name: value for name, value in traced.env.items() if not name.startswith("OTEL_")}
+    with running_replicas(2, traced.env, tmp_path) as replicas:
+        _, _, follower = leader_and_follower(replicas)
         # Started once a traced replica leads, so that it stays a follower.
         plain = ReplicaProcess(node_id="node-plain", env=plain_env, log_dir=tmp_path)
         try:
@@ -259,17 +247,11 @@ async def test_a_malformed_traceparent_is_accepted_and_starts_a_fresh_trace(
 
 @pytest.mark.chaos
 async def test_the_next_leader_charges_a_payment_under_the_trace_of_its_ingest(
-    traced_env: dict[str, str],
-    collector: tuple[TraceCollector, str],
-    proxy: tuple[RecordingProvider, str],
-    tmp_path: Path,
+    traced: Traced, tmp_path: Path
 ) -> None:
-    spans, _ = collector
-    recording, _ = proxy
-    with running_replicas(2, traced_env, tmp_path) as replicas:
-        first_view = replicas.wait_leader()
-        first = replicas.by_id(first_view["node_id"])
-        second = next(r for r in replicas.all if r is not first)
+    spans, recording = traced.spans, traced.provider
+    with running_replicas(2, traced.env, tmp_path) as replicas:
+        first_view, first, second = leader_and_follower(replicas)
         # The provider fails (503, nothing charged): the first leader's attempts only retry.
         recording.down.set()
         status, payment = post_payment(first.url, CLIENT_PARENT)

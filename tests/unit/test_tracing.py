@@ -6,9 +6,7 @@ in-memory exporter on a tracer provider built here (no exporter thread, no socke
 
 from __future__ import annotations
 
-import ast
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.resources import Resource
@@ -267,21 +265,3 @@ def test_an_unsettled_attempt_and_a_failed_provider_call_are_errors(
     assert call_span.attributes["error.type"] == "UnknownOutcome"
     assert attempt_span.status.status_code is StatusCode.ERROR
     assert attempt_span.status.description == "proxy said 403"
-
-
-def test_no_module_of_app_imports_opentelemetry_when_it_is_imported() -> None:
-    """Off costs no memory: OpenTelemetry is imported inside the functions that run once
-    tracing is on (or for type checking), never at a module's top level."""
-    app = Path(__file__).resolve().parents[2] / "app"
-    offending = []
-    for path in sorted(app.rglob("*.py")):
-        for node in ast.parse(path.read_text()).body:
-            names = (
-                [alias.name for alias in node.names]
-                if isinstance(node, ast.Import)
-                else [node.module or ""]
-                if isinstance(node, ast.ImportFrom)
-                else []
-            )
-            offending += [f"{path.name}: {n}" for n in names if n.startswith("opentelemetry")]
-    assert offending == []
