@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from typing import Any
 
@@ -75,16 +76,20 @@ def serve(
     no_auth: bool | None,
 ) -> None:
     """Run a replica: HTTP API, leader election and (while leading) the dispatcher."""
+    from app.obs.tracing import tracing_config
     from app.replica import serve as run_serve
 
     try:
         settings = load_settings(
             host=host, port=port, node_id=node_id, database_url=database_url, allow_no_auth=no_auth
         )
+        # The standard OpenTelemetry variables, not PAYDISPATCH_*: read here, once, like
+        # the settings; off unless they ask for traces.
+        tracing = tracing_config(os.environ, node_id=settings.node_id)
     except PaydispatchError as exc:
         raise click.ClickException(str(exc)) from None
     _logging(ctx, settings.node_id, (*settings.api_keys, *settings.admin_api_keys))
-    _run(run_serve(settings))
+    _run(run_serve(settings, tracing=tracing))
 
 
 @main.command()

@@ -10,7 +10,7 @@ import functools
 import gc
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
@@ -26,6 +26,7 @@ from app.leadership.etcd import EtcdClient, EtcdSecurity
 from app.leadership.keepalive import LoopWatchdog
 from app.leadership.observer import LeaderObserver
 from app.obs.collectors import collect_replica, refresh_counts
+from app.obs.tracing import TracingConfig, start_tracing
 from app.settings import Settings
 from app.store.counts import StatusCounts
 from app.store.engine import create_engine
@@ -46,6 +47,7 @@ from app.web.state import (
     SETTINGS,
     STATUS_COUNTS,
     TASKS,
+    TRACING,
     WATCHDOG,
 )
 from app.web.testhooks import add_test_hooks
@@ -168,6 +170,7 @@ async def _leadership(app: web.Application) -> AsyncIterator[None]:
         dispatch_stats,
         app[METRICS],
         companions=(beacon,) if settings.fast_failover else (),
+        tracing=app[TRACING],
     )
     elector = Elector(config, client, leader, watchdog)
     observer = LeaderObserver(config, client)
@@ -205,6 +208,23 @@ async def _leadership(app: web.Application) -> AsyncIterator[None]:
         await leader_engine.dispose()
 
 
+def _tracing(config: TracingConfig) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The tracer's lifecycle: started before anything that makes spans, shut down after
+    all of it (the last spans of a leaving leader are flushed, not lost)."""
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        tracing = start_tracing(config)
+        app[TRACING] = tracing
+        log.info("tracing on: OTLP/HTTP export as service %s", config.service_name)
+        try:
+            yield
+        finally:
+            app[TRACING] = None
+            await tracing.shutdown()
+
+    return lifecycle
+
+
 async def _resign_and_wait(app: web.Application) -> None:
     settings = app[SETTINGS]
     await app[ELECTOR].resign()
@@ -221,9 +241,13 @@ async def _resign_first(app: web.Application) -> None:
     await _resign_and_wait(app)
 
 
-def create_replica_app(settings: Settings) -> web.Application:
-    """API + election + observer + (while leading) the dispatcher."""
+def create_replica_app(settings: Settings, tracing: TracingConfig | None = None) -> web.Application:
+    """API + election + observer + (while leading) the dispatcher; traces when ``tracing``
+    says so (``app.obs.tracing.tracing_config``)."""
     app = create_app(settings)
+    if tracing is not None:
+        # First: up before the database and the leadership parts, down after them.
+        app.cleanup_ctx.insert(0, _tracing(tracing))
     app.cleanup_ctx.append(_verify_fence)
     app.cleanup_ctx.append(_leadership)
     app.on_shutdown.append(_resign_first)
@@ -235,13 +259,19 @@ def create_replica_app(settings: Settings) -> web.Application:
     return app
 
 
-async def serve(settings: Settings, app: web.Application | None = None) -> None:
-    """Serve ``app`` (default: a replica built from ``settings``) until SIGTERM or SIGINT.
+async def serve(
+    settings: Settings,
+    app: web.Application | None = None,
+    *,
+    tracing: TracingConfig | None = None,
+) -> None:
+    """Serve ``app`` (default: a replica built from ``settings``, tracing as ``tracing``
+    says) until SIGTERM or SIGINT.
 
     Shutdown runs the app's on_shutdown hooks (readiness goes false, the leader resigns)
     and then its cleanup contexts in reverse order, so nothing outlives the call.
     """
-    app = app or create_replica_app(settings)
+    app = app or create_replica_app(settings, tracing)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     try:
         await runner.setup()

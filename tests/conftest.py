@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from app.settings import Settings
     from app.stack.etcd import EtcdCluster
     from app.stack.postgres import PostgresServer
+    from app.stack.sandbox_process import SandboxProcess
 
 TEMPLATE_DB = "paydispatch_template"
 TEST_API_KEY = "test-api-key"
@@ -193,3 +194,15 @@ def etcd3() -> Iterator[EtcdCluster]:
         yield cluster
     finally:
         cluster.destroy()
+
+
+@pytest.fixture
+async def provider(tmp_path: Path) -> AsyncIterator[SandboxProcess]:
+    """The stand-in provider as a real child process, on a ledger under ``tmp_path``."""
+    from app.stack.sandbox_process import start_sandbox_process, stop_sandbox_process
+
+    sandbox = await start_sandbox_process(tmp_path)
+    try:
+        yield sandbox
+    finally:
+        await stop_sandbox_process(sandbox.process)

@@ -42,6 +42,7 @@ from app.errors import (
 )
 from app.leadership.term import Term
 from app.obs.metrics import Metrics
+from app.obs.tracing import AttemptTrace, Tracing
 from app.settings import Settings
 from app.store import payments
 from app.store.claims import LeaderLane
@@ -112,6 +113,7 @@ class Dispatcher:
         leadership: Term,
         stats: DispatchStats,
         metrics: Metrics,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -119,6 +121,7 @@ class Dispatcher:
         self.leadership = leadership
         self.stats = stats
         self.metrics = metrics
+        self.tracing = tracing  # None: tracing is off, and no span is made
         self.token = leadership.token
         # Monotonic time of the last completed claim round: DispatchLeader ends a term
         # whose dispatcher stops making progress.
@@ -353,19 +356,40 @@ class Dispatcher:
         structlog.contextvars.bind_contextvars(
             payment_id=payment.id, idempotency_key=payment.idempotency_key
         )
+        tracing = self.tracing
+        if tracing is None:
+            outcome = await self._attempt(payment, None)
+        else:
+            # Parented to the request that created the payment, wherever that ran.
+            with tracing.attempt(
+                payment_id=payment.id,
+                trace_parent=payment.trace_parent,
+                token=self.token,
+                attempt=payment.attempts,
+            ) as trace:
+                outcome = await self._attempt(payment, trace)
+                trace.settled(outcome)
+        if outcome is not None:
+            self._outcomes.put_nowait(outcome)
+
+    async def _attempt(self, payment: Claimed, trace: AttemptTrace | None) -> Outcome | None:
+        """Call the provider and classify what happened; None if the term ended first."""
         started = datetime.now(UTC)
         try:
             timeout = self.leadership.call_timeout(self.settings.provider_timeout)
             with self.metrics.provider_latency.time():
-                charge = await self.provider.charge(payment.request(), timeout=timeout)
+                if trace is None:
+                    charge = await self.provider.charge(payment.request(), timeout=timeout)
+                else:
+                    charge = await self._traced_charge(payment, timeout, trace)
         except LeadershipLost as exc:
             # Validity ran out before the call: nothing was sent. The term is over; make
             # sure the claim loop ends it too (the way out releases this payment).
             self._lost = exc
             self._wake.set()
-            return
+            return None
         except ChargeMismatch as exc:
-            outcome = self._outcome(
+            return self._outcome(
                 payment,
                 PaymentStatus.NEEDS_RECONCILIATION,
                 "mismatch",
@@ -375,18 +399,25 @@ class Dispatcher:
                 started,
             )
         except (RetryableProviderError, UnknownOutcome) as exc:
-            outcome = self._retry_or_park(payment, exc, started)
+            return self._retry_or_park(payment, exc, started)
         except TerminalProviderError as exc:
-            outcome = self._outcome(
+            return self._outcome(
                 payment, PaymentStatus.FAILED, "failed", None, str(exc), exc.status, started
             )
         except Exception as exc:  # a bug or a surprise: the charge may have been made
             log.exception("provider call for payment %s ended unexpectedly", payment.id)
             unknown = UnknownOutcome(f"the call ended unexpectedly: {type(exc).__name__}: {exc}")
-            outcome = self._retry_or_park(payment, unknown, started)
-        else:
-            outcome = self._from_charge(payment, charge, started)
-        self._outcomes.put_nowait(outcome)
+            return self._retry_or_park(payment, unknown, started)
+        return self._from_charge(payment, charge, started)
+
+    async def _traced_charge(self, payment: Claimed, timeout: float, trace: AttemptTrace) -> Charge:
+        """The provider call inside its client span; the span's traceparent goes along."""
+        with trace.provider_call(self.provider.charges_url) as call:
+            charge = await self.provider.charge(
+                payment.request(), timeout=timeout, traceparent=call.traceparent
+            )
+            call.answered(charge.http_status)
+            return charge
 
     def _from_charge(self, payment: Claimed, charge: Charge, started: datetime) -> Outcome:
         if charge.status == "declined":

@@ -19,6 +19,7 @@ from app.dispatch.provider import ProviderClient
 from app.errors import DatabaseUnavailable, LeadershipLost
 from app.leadership.term import Term
 from app.obs.metrics import Metrics
+from app.obs.tracing import Tracing
 from app.settings import Settings
 from app.store.engine import Engine
 from app.store.fence import raise_fence
@@ -51,8 +52,10 @@ class DispatchLeader:
         stats: DispatchStats,
         metrics: Metrics,
         companions: Sequence[Companion] = (),
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
+        self.tracing = tracing
         self.companions = tuple(companions)
         self.engine = engine
         self.provider = provider
@@ -70,7 +73,7 @@ class DispatchLeader:
             for run in self.companions
         ]
         dispatcher = Dispatcher(
-            settings, self.engine, self.provider, term, self.stats, self.metrics
+            settings, self.engine, self.provider, term, self.stats, self.metrics, self.tracing
         )
         try:
             await run_watched(

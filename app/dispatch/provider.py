@@ -21,20 +21,24 @@ class ProviderClient:
 
     def __init__(self, base_url: str, session: aiohttp.ClientSession) -> None:
         self.base_url = base_url.rstrip("/")
+        self.charges_url = f"{self.base_url}/v1/charges"
         self.session = session
 
-    async def charge(self, request: ChargeRequest, *, timeout: float) -> Charge:
+    async def charge(
+        self, request: ChargeRequest, *, timeout: float, traceparent: str | None = None
+    ) -> Charge:
         """POST /v1/charges. Returns this payment's Charge, or raises what
         ``classify_charge_answer`` raises; a timeout or a lost connection is UnknownOutcome.
+        ``traceparent`` (tracing on) goes along so the provider's spans join the trace.
         """
+        headers = {"Idempotency-Key": request.provider_key, "Content-Type": "application/json"}
+        if traceparent is not None:
+            headers["traceparent"] = traceparent
         try:
             async with self.session.post(
-                f"{self.base_url}/v1/charges",
+                self.charges_url,
                 data=request.body(),
-                headers={
-                    "Idempotency-Key": request.provider_key,
-                    "Content-Type": "application/json",
-                },
+                headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout),
                 allow_redirects=False,
             ) as resp:

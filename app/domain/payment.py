@@ -170,6 +170,9 @@ class Claimed(SentTerms):
     provider_key_issued_at: datetime
     attempts: int
     created_at: datetime
+    # The W3C traceparent of the ingest span that created the payment (revision 0005), for
+    # the leader's spans to continue; None when tracing was off at ingest.
+    trace_parent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,7 +53,7 @@ claimed AS (
     FROM batch
     WHERE p.id = batch.id
     RETURNING p.id, p.idempotency_key, p.provider_key, p.provider_key_issued_at, p.amount,
-              p.currency, p.reference, p.attempts, p.created_at
+              p.currency, p.reference, p.attempts, p.created_at, p.trace_parent
 )
 SELECT claimed.* FROM (SELECT paydispatch_assert_fence($1::text, $2::bigint)) AS fence(token)
 LEFT JOIN claimed ON true
@@ -144,6 +144,7 @@ class LeaderLane:
                 reference=row[6],
                 attempts=row[7],
                 created_at=row[8],
+                trace_parent=row[9],
             )
             for row in rows
             if row[0] is not None  # the fence row alone: nothing was due

@@ -31,8 +31,8 @@ _COLUMNS = (
 )
 _INSERT = f"""
 INSERT INTO payments (idempotency_key, request_fingerprint, amount, currency, reference,
-                      description, metadata)
-VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)
+                      description, metadata, trace_parent)
+VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::text)
 ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING {_COLUMNS}
 """
@@ -84,9 +84,16 @@ class IngestStore:
                 self._pool.terminate()
 
     async def enqueue(
-        self, key: str, request: PaymentRequest, fingerprint: str
+        self,
+        key: str,
+        request: PaymentRequest,
+        fingerprint: str,
+        trace_parent: str | None = None,
     ) -> tuple[Payment, bool]:
         """Insert a pending payment under ``key``, or find the one already there.
+
+        ``trace_parent`` is the ingest span's W3C context (tracing on), stored for the
+        leader's spans; a replayed request leaves the first one's in place.
 
         Returns (payment, created). Concurrent identical requests are settled by the unique
         constraint: ON CONFLICT waits for the first inserter, then the SELECT sees its row.
@@ -105,6 +112,7 @@ class IngestStore:
                 request.reference,
                 request.description,
                 orjson.dumps(request.metadata).decode(),
+                trace_parent,
             )
             if row is not None:
                 return _payment(row), True

@@ -28,6 +28,7 @@ from app.web.state import (
     METRICS,
     METRICS_REFRESH,
     SETTINGS,
+    TRACING,
     Lifecycle,
 )
 
@@ -98,6 +99,7 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = metrics
     app[METRICS_REFRESH] = []
     app[LIFECYCLE] = lifecycle
+    app[TRACING] = None  # the replica's composition root starts tracing when asked to
     app.cleanup_ctx.append(_database)
     app.on_shutdown.append(_mark_shutting_down)
     add_payment_routes(app)

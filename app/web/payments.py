@@ -4,17 +4,43 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from app.domain.payment import Payment, PaymentRequest
 from app.domain.states import PaymentStatus
+from app.obs.tracing import Tracing
 from app.store import payments as queue
 from app.web.params import BIGINT_MAX, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX, int_param, parse_id
 from app.web.problems import problem
 from app.web.schemas import PaymentList, json_response, payment_body, payment_json
-from app.web.state import ENGINE, INGEST, SETTINGS
+from app.web.state import ENGINE, INGEST, SETTINGS, TRACING
 from app.web.validation import InvalidRequest, check_idempotency_key, parse_payment
 
 
 async def create_payment(request: web.Request) -> web.Response:
     """POST /v1/payments — validate, insert durably, answer 202 (new) or 200 (replay)."""
+    tracing = request.app[TRACING]
+    if tracing is not None:
+        return await _create_traced(request, tracing)
+    key, payment_request, fingerprint = await _read_payment(request)
+    payment, created = await request.app[INGEST].enqueue(key, payment_request, fingerprint)
+    return _answer(payment, created, fingerprint)
+
+
+async def _create_traced(request: web.Request, tracing: Tracing) -> web.Response:
+    """create_payment inside the ingest span, whose context the payment row keeps so that
+    the leader's spans join this request's trace."""
+    with tracing.ingest(request.headers) as span:
+        key, payment_request, fingerprint = await _read_payment(request)
+        payment, created = await request.app[INGEST].enqueue(
+            key, payment_request, fingerprint, span.trace_parent
+        )
+        response = _answer(payment, created, fingerprint)
+        span.answered(payment.id, created, response.status)
+        return response
+
+
+async def _read_payment(request: web.Request) -> tuple[str, PaymentRequest, str]:
+    """The Idempotency-Key, the validated body and its fingerprint; InvalidRequest (or 413)
+    saying what is wrong otherwise."""
     settings = request.app[SETTINGS]
     if request.content_length is not None and request.content_length > settings.max_body_bytes:
         raise web.HTTPRequestEntityTooLarge(
@@ -34,8 +60,13 @@ async def create_payment(request: web.Request) -> web.Response:
     key = check_idempotency_key(request.headers.get("Idempotency-Key"))
     body = await request.read()  # client_max_size bounds chunked bodies too (→ 413)
     payment_request = parse_payment(body)
-    fingerprint = payment_request.fingerprint()  # once: it is a canonical dump and a hash
-    payment, created = await request.app[INGEST].enqueue(key, payment_request, fingerprint)
+    # Once: it is a canonical dump and a hash.
+    return key, payment_request, payment_request.fingerprint()
+
+
+def _answer(payment: Payment, created: bool, fingerprint: str) -> web.Response:
+    """202 for a new payment, 200 for a replay of the same request, 422 for the same key
+    with another body."""
     if not created and payment.request_fingerprint != fingerprint:
         return problem(
             422,

@@ -16,6 +16,7 @@ from app.leadership.elector import Elector
 from app.leadership.keepalive import LoopWatchdog
 from app.leadership.observer import LeaderObserver
 from app.obs.metrics import Metrics
+from app.obs.tracing import Tracing
 from app.settings import Settings
 from app.store.counts import StatusCounts
 from app.store.engine import Engine
@@ -52,6 +53,9 @@ METRICS = web.AppKey("metrics", Metrics)
 # collectors only read memory.
 METRICS_REFRESH = web.AppKey("metrics_refresh", list[Callable[[], Awaitable[object]]])
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+# The replica's tracer, or None: tracing is off (the default), and that None is the only
+# thing the ingest path checks.
+TRACING: web.AppKey[Tracing | None] = web.AppKey("tracing")
 
 # Set by the replica's composition root (absent on an API-only app).
 ELECTOR = web.AppKey("elector", Elector)

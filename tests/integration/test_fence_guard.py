@@ -27,7 +27,7 @@ from app.settings import load_settings
 from app.stack.etcd import EtcdCluster
 from app.stack.ports import free_port
 from app.stack.postgres import PostgresServer
-from app.stack.sandbox_process import SandboxProcess, start_sandbox_process, stop_sandbox_process
+from app.stack.sandbox_process import SandboxProcess
 from app.store.engine import create_engine
 from app.store.migrate import migrate
 from load.loadgen import post_payments
@@ -316,15 +316,6 @@ def test_a_replica_whose_fence_name_the_schema_does_not_enforce_refuses_to_start
 
 
 # --- a whole replica under the role --------------------------------------------------------
-
-
-@pytest.fixture
-async def provider(tmp_path: Path) -> AsyncIterator[SandboxProcess]:
-    sandbox = await start_sandbox_process(tmp_path)
-    try:
-        yield sandbox
-    finally:
-        await stop_sandbox_process(sandbox.process)
 
 
 @pytest.fixture

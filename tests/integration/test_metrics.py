@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.ops.client import http_json
 from app.stack.etcd import EtcdCluster
-from app.stack.sandbox_process import SandboxProcess, start_sandbox_process, stop_sandbox_process
+from app.stack.sandbox_process import SandboxProcess
 from load.checker import wait_until_settled
 from load.loadgen import post_payments
 from tests.cluster import TEST_API_KEY, cluster_env, running_replicas
@@ -35,15 +34,6 @@ def value(
     samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
 ) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
-
-
-@pytest.fixture
-async def provider(tmp_path: Path) -> AsyncIterator[SandboxProcess]:
-    sandbox = await start_sandbox_process(tmp_path)
-    try:
-        yield sandbox
-    finally:
-        await stop_sandbox_process(sandbox.process)
 
 
 async def test_replicas_and_provider_export_the_promised_metrics(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.stack.etcd import EtcdCluster
-from app.stack.sandbox_process import SandboxProcess, start_sandbox_process, stop_sandbox_process
+from app.stack.sandbox_process import SandboxProcess
 from load.checker import wait_until_settled
 from load.loadgen import post_payments
 from tests.cluster import TEST_API_KEY, cluster_env, running_replicas
@@ -181,15 +181,6 @@ def exported_names(url: str) -> set[str]:
         names.update(sample.name for sample in family.samples)
         names.update(family.name + suffix for suffix in suffixes.get(family.type, ("",)))
     return names
-
-
-@pytest.fixture
-async def provider(tmp_path: Path) -> AsyncIterator[SandboxProcess]:
-    sandbox = await start_sandbox_process(tmp_path)
-    try:
-        yield sandbox
-    finally:
-        await stop_sandbox_process(sandbox.process)
 
 
 @pytest.mark.chaos

@@ -105,23 +105,37 @@ def test_only_the_store_talks_sql() -> None:
     assert offending == set()
 
 
+def top_level_imports(path: Path) -> set[str]:
+    """The modules ``path`` imports at its top level (not inside functions, nor under
+    ``if TYPE_CHECKING``): what importing it costs."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add(node.module or "")
+    return names
+
+
 def test_app_never_imports_the_load_tooling_or_the_tests_at_module_level() -> None:
-    offending: set[str] = set()
-    for path in SOURCES:
-        tree = ast.parse(path.read_text())
-        for node in tree.body:  # top-level statements only: the CLI may import lazily
-            names = (
-                [alias.name for alias in node.names]
-                if isinstance(node, ast.Import)
-                else [node.module or ""]
-                if isinstance(node, ast.ImportFrom)
-                else []
-            )
-            offending.update(
-                f"{app_module(path)} imports {name}"
-                for name in names
-                if name.split(".")[0] in ("load", "tests")
-            )
+    offending = {
+        f"{app_module(path)} imports {name}"
+        for path in SOURCES
+        for name in top_level_imports(path)  # the CLI may import lazily
+        if name.split(".")[0] in ("load", "tests")
+    }
+    assert offending == set()
+
+
+def test_app_imports_opentelemetry_only_once_tracing_is_on() -> None:
+    """Traces off cost no memory: OpenTelemetry is imported inside the functions that run
+    once tracing is on (app.obs.tracing), never at a module's top level."""
+    offending = {
+        f"{app_module(path)} imports {name}"
+        for path in SOURCES
+        for name in top_level_imports(path)
+        if name.split(".")[0] == "opentelemetry"
+    }
     assert offending == set()
 
 
