@@ -266,9 +266,9 @@ async def test_the_next_leader_charges_a_payment_under_the_trace_of_its_ingest(
             spans,
             payment["id"],
             expect=ALL_THREE,
-            until=lambda found: any(
-                call.node == second.node_id for call in found.get("POST /v1/charges", [])
-            ),
+            # The successful attempt by the second leader and its call (the second leader
+            # may also have called while the provider was still down: a retry).
+            until=lambda found: succeeded_call_of(found, second.node_id),
         )
 
     (ingest,) = found["POST /v1/payments"]
@@ -295,3 +295,14 @@ async def test_the_next_leader_charges_a_payment_under_the_trace_of_its_ingest(
     (charge,) = [c for c in calls if c.parent == charged.span_id]
     assert charge.attributes["http.response.status_code"] in (200, 201)
     assert charge.node == second.node_id
+
+
+def succeeded_call_of(found: Found, node_id: str) -> bool:
+    """True once ``node_id``'s successful attempt and its provider call have both arrived."""
+    attempts = [
+        a
+        for a in found.get("dispatch attempt", [])
+        if a.node == node_id and a.attributes.get("paydispatch.outcome") == "succeeded"
+    ]
+    calls = {c.parent for c in found.get("POST /v1/charges", [])}
+    return any(a.span_id in calls for a in attempts)
