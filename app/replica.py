@@ -202,7 +202,7 @@ async def _leadership(app: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(*tasks, return_exceptions=True)
         await client.close()
         await http.close()
-        await leader_engine.dispose()
+        await leader_engine.close()
 
 
 async def _resign_and_wait(app: web.Application) -> None:

@@ -22,7 +22,7 @@ import orjson
 
 from app.domain.payment import Payment, PaymentRequest
 from app.domain.states import PaymentStatus
-from app.store.engine import driver_dsn
+from app.store.engine import close_pool, driver_dsn, no_reset
 
 _COLUMNS = (
     "id, idempotency_key, request_fingerprint, amount, currency, reference, description, "
@@ -38,11 +38,6 @@ RETURNING {_COLUMNS}
 """
 _SELECT_BY_KEY = f"SELECT {_COLUMNS} FROM payments WHERE idempotency_key = $1"
 _STATUSES = {status.value: status for status in PaymentStatus}
-
-
-async def _no_reset(connection: Any) -> None:
-    """Nothing to reset: ingest leaves no session state (asyncpg still rolls back an open
-    transaction before calling this)."""
 
 
 class IngestStore:
@@ -72,16 +67,13 @@ class IngestStore:
             timeout=self._timeout,
             command_timeout=self._timeout * 2,
             server_settings=self._server_settings,
-            reset=_no_reset,
+            reset=no_reset,
         )
 
     async def close(self) -> None:
         """Close every connection (bounded: a dead server must not hold shutdown)."""
         if self._pool is not None:
-            try:
-                await self._pool.close()
-            except Exception:
-                self._pool.terminate()
+            await close_pool(self._pool)
 
     async def enqueue(
         self, key: str, request: PaymentRequest, fingerprint: str

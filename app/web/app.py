@@ -34,7 +34,7 @@ from app.web.state import (
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    engine = create_engine(settings, autocommit=True)
+    engine = create_engine(settings)
     ingest = IngestStore(
         settings.database_url,
         size=settings.db_pool_size,
@@ -48,7 +48,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await ingest.close()
-        await engine.dispose()
+        await engine.close()
 
 
 async def _mark_shutting_down(app: web.Application) -> None:
