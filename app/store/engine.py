@@ -84,6 +84,21 @@ async def no_reset(connection: Any) -> None:
     would cost a round trip per release."""
 
 
+async def open_pool(dsn: str, *, size: int, timeout: float, server_settings: dict[str, str]) -> Any:
+    """An asyncpg pool of up to ``size`` connections, none open yet (a replica may start while
+    Postgres is still coming up): ``timeout`` bounds each connect, twice that each statement,
+    and a connection goes back to the pool without a reset query (``no_reset``)."""
+    return await asyncpg.create_pool(
+        dsn,
+        min_size=0,
+        max_size=size,
+        timeout=timeout,
+        command_timeout=timeout * 2,
+        server_settings=server_settings,
+        reset=no_reset,
+    )
+
+
 async def close_pool(pool: Any) -> None:
     """Close an asyncpg pool, bounded: a dead server must not hold a shutdown."""
     try:
@@ -157,14 +172,11 @@ class Engine:
         if self._pool is None:
             async with self._opening:
                 if self._pool is None:
-                    self._pool = await asyncpg.create_pool(
+                    self._pool = await open_pool(
                         self._dsn,
-                        min_size=0,
-                        max_size=self._size,
+                        size=self._size,
                         timeout=self._timeout,
-                        command_timeout=self._timeout * 2,
                         server_settings=self._server_settings,
-                        reset=no_reset,
                     )
         return self._pool
 

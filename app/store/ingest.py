@@ -17,12 +17,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import asyncpg
 import orjson
 
 from app.domain.payment import Payment, PaymentRequest
 from app.domain.states import PaymentStatus
-from app.store.engine import close_pool, driver_dsn, no_reset
+from app.store.engine import close_pool, driver_dsn, open_pool
 
 _COLUMNS = (
     "id, idempotency_key, request_fingerprint, amount, currency, reference, description, "
@@ -60,14 +59,8 @@ class IngestStore:
     async def open(self) -> None:
         """Create the pool; connections open on first use (a replica may start while
         Postgres is still coming up)."""
-        self._pool = await asyncpg.create_pool(
-            self._dsn,
-            min_size=0,
-            max_size=self._size,
-            timeout=self._timeout,
-            command_timeout=self._timeout * 2,
-            server_settings=self._server_settings,
-            reset=no_reset,
+        self._pool = await open_pool(
+            self._dsn, size=self._size, timeout=self._timeout, server_settings=self._server_settings
         )
 
     async def close(self) -> None:
