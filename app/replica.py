@@ -205,7 +205,7 @@ async def _leadership(app: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(*tasks, return_exceptions=True)
         await client.close()
         await http.close()
-        await leader_engine.dispose()
+        await leader_engine.close()
 
 
 def _tracing(config: TracingConfig) -> Callable[[web.Application], AsyncIterator[None]]:

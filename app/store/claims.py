@@ -1,8 +1,9 @@
 """The leader's hot path: claim a batch and record a batch, one round trip each.
 
-Why not the SQLAlchemy path of ``app.store.payments``: there a fenced claim cost six round
-trips (pool ping, BEGIN, ``paydispatch_assert_fence``, the park sweep, the claim, COMMIT) and
-so did every record (two statements), plus the ORM's per-statement work. On this machine a
+Why not a fenced transaction of ``app.store.payments`` (then still on SQLAlchemy): there a
+fenced claim cost six round trips (pool ping, BEGIN, ``paydispatch_assert_fence``, the park
+sweep, the claim, COMMIT) and so did every record (two statements), plus the ORM's
+per-statement work. On this machine a
 round trip is a handful of system calls, which dominate CPU per payment. Here each batch is
 ONE statement on a raw asyncpg connection (prepared once by asyncpg's statement cache, then
 Bind/Execute/Sync in one message), run as its own implicit transaction:

@@ -1,20 +1,23 @@
-"""Engine construction and the mapping of Postgres failures onto typed errors.
+"""The database handles of the running service, and the mapping of Postgres failures onto typed
+errors.
 
 The rest of the application names the database's handles only through ``Engine`` and
-``Connection`` below: which driver and which SQL toolkit sit behind them is this package's
-business alone.
+``Connection`` below: which driver sits behind them is this package's business alone. They
+wrap a plain asyncpg pool — no SQL toolkit in a running replica (SQLAlchemy and Alembic cost
+a replica some 20 MB of memory; only ``paydispatch migrate`` loads them, ``app.store.migrate``).
+Statements use ``$1``-style parameters; asyncpg prepares each one once per connection and
+keeps it in its statement cache, as ``app.store.claims`` and ``app.store.ingest`` do.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Iterator
-from typing import Any, TypeAlias
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-import sqlalchemy.exc
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+import asyncpg
 
 from app.errors import DatabaseUnavailable, PaydispatchError, StaleLeader, TerminalStateViolation
 from app.settings import Settings
@@ -31,24 +34,186 @@ SQLSTATE_APPEND_ONLY = "PDA01"
 # Postgres is down, restarting or refusing connections: worth retrying later.
 _UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "57P", "53300")
 
-
-# The handles callers pass around (a pool, and one connection or transaction from it).
-Engine: TypeAlias = AsyncEngine
-Connection: TypeAlias = AsyncConnection
+# Seconds a pool gets to close its connections politely before they are cut.
+_CLOSE_WAIT = 2.0
 
 
 class IntegrityViolation(PaydispatchError):
     """A database rule of paydispatch rejected the write (this is a bug in the writer)."""
 
 
+class Row(Protocol):
+    """A result row (asyncpg's ``Record``): a column by name or by position."""
+
+    def __getitem__(self, key: str | int, /) -> Any: ...
+
+
+class Connection:
+    """One connection lent by an ``Engine`` for the duration of a ``with`` block.
+
+    Outside ``Engine.transaction`` each statement commits on its own (autocommit).
+    """
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw  # asyncpg.Connection (asyncpg ships no type information)
+
+    async def execute(self, query: str, *args: object) -> None:
+        """Run ``query`` for its effect."""
+        await self._raw.execute(query, *args)
+
+    async def fetch(self, query: str, *args: object) -> list[Row]:
+        """Every row ``query`` returns."""
+        rows: list[Row] = await self._raw.fetch(query, *args)
+        return rows
+
+    async def fetchrow(self, query: str, *args: object) -> Row | None:
+        """The first row ``query`` returns, or None."""
+        row: Row | None = await self._raw.fetchrow(query, *args)
+        return row
+
+    async def fetchval(self, query: str, *args: object) -> Any:
+        """The first column of the first row ``query`` returns (None when no row)."""
+        return await self._raw.fetchval(query, *args)
+
+
+async def no_reset(connection: Any) -> None:
+    """A pool's reset on release: nothing to reset, as our sessions set no state (asyncpg
+    still rolls back an open transaction before calling this). asyncpg's default reset
+    would cost a round trip per release."""
+
+
+async def open_pool(dsn: str, *, size: int, timeout: float, server_settings: dict[str, str]) -> Any:
+    """An asyncpg pool of up to ``size`` connections, none open yet (a replica may start while
+    Postgres is still coming up): ``timeout`` bounds each connect, twice that each statement,
+    and a connection goes back to the pool without a reset query (``no_reset``)."""
+    return await asyncpg.create_pool(
+        dsn,
+        min_size=0,
+        max_size=size,
+        timeout=timeout,
+        command_timeout=timeout * 2,
+        server_settings=server_settings,
+        reset=no_reset,
+    )
+
+
+async def close_pool(pool: Any) -> None:
+    """Close an asyncpg pool, bounded: a dead server must not hold a shutdown."""
+    try:
+        await asyncio.wait_for(pool.close(), _CLOSE_WAIT)
+    except Exception:
+        pool.terminate()
+
+
+class Engine:
+    """A bounded pool of asyncpg connections to one database, opened on first use (a replica
+    may start while Postgres is still coming up). ``close()`` at shutdown."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        size: int,
+        timeout: float,
+        server_settings: dict[str, str],
+        pre_ping: bool,
+    ) -> None:
+        self._dsn = dsn
+        self._size = size
+        self._timeout = timeout
+        self._server_settings = server_settings
+        self._pre_ping = pre_ping
+        self._pool: Any = None  # asyncpg.Pool
+        self._opening = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def connect(self) -> AsyncIterator[Connection]:
+        """A connection of the pool for the block; its statements commit one by one.
+
+        Waits at most the database timeout for a free connection (then DatabaseUnavailable).
+        A block that fails, or is cancelled, may leave a statement running or the session
+        broken: its connection is closed, never returned to the pool; when the failure says
+        Postgres went away, the other pooled connections are replaced on their next use too.
+        """
+        pool = await self._ready_pool()
+        raw = await self._acquire(pool)
+        try:
+            yield Connection(raw)
+        except BaseException as exc:
+            raw.terminate()
+            if is_unavailable(exc):
+                await pool.expire_connections()
+            raise
+        finally:
+            await pool.release(raw)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, timeout: float | None = None) -> AsyncIterator[Connection]:
+        """A connection inside one transaction, committed when the block ends, rolled back
+        (the session is closed) when it raises; bounded by ``timeout`` seconds (None: the
+        caller bounds it)."""
+        async with contextlib.AsyncExitStack() as stack:
+            if timeout is not None:
+                await stack.enter_async_context(asyncio.timeout(timeout))
+            conn = await stack.enter_async_context(self.connect())
+            await conn.execute("BEGIN")
+            yield conn
+            await conn.execute("COMMIT")
+
+    async def close(self) -> None:
+        """Close every connection (bounded: a dead server must not hold shutdown)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await close_pool(pool)
+
+    async def _ready_pool(self) -> Any:
+        if self._pool is None:
+            async with self._opening:
+                if self._pool is None:
+                    self._pool = await open_pool(
+                        self._dsn,
+                        size=self._size,
+                        timeout=self._timeout,
+                        server_settings=self._server_settings,
+                    )
+        return self._pool
+
+    async def _acquire(self, pool: Any) -> Any:
+        try:
+            # asyncio.timeout rather than acquire(timeout=...): no task per checkout. It
+            # bounds the wait for a free connection and, with connect's own timeout, a new one.
+            async with asyncio.timeout(self._timeout):
+                raw = await pool.acquire()
+                if self._pre_ping:
+                    raw = await self._pinged(pool, raw)
+                return raw
+        except TimeoutError as exc:
+            raise DatabaseUnavailable(
+                f"Postgres is unavailable: no connection within {self._timeout:g}s"
+            ) from exc
+
+    @staticmethod
+    async def _pinged(pool: Any, raw: Any) -> Any:
+        """``raw`` if it answers; else a fresh connection, and the pool's other connections
+        are replaced on their next use (a restart broke them all)."""
+        try:
+            await raw.execute("SELECT 1")
+        except BaseException as exc:
+            raw.terminate()
+            await pool.release(raw)
+            if not isinstance(exc, Exception):
+                raise  # cancelled (a deadline): not the connection's fault
+            await pool.expire_connections()
+            return await pool.acquire()
+        return raw
+
+
 def create_engine(
-    settings: Settings,
-    *,
-    pool_size: int | None = None,
-    leader: bool = False,
-    autocommit: bool = False,
-) -> AsyncEngine:
-    """An async engine on asyncpg for ``settings.database_url`` with bounded waits.
+    settings: Settings, *, pool_size: int | None = None, leader: bool = False
+) -> Engine:
+    """A pool for ``settings.database_url`` with bounded waits.
 
     ``leader=True`` adds server-side bounds for the leader's sessions: a leader frozen inside
     a transaction (SIGSTOP, a partition) holds a share lock on the fence row, and the next
@@ -56,32 +221,23 @@ def create_engine(
     such a session after ``idle_in_transaction_session_timeout``, releasing the lock well
     within one lease TTL; leader transactions last milliseconds, so nothing healthy trips it.
 
-    ``autocommit=True`` suits the API, whose statements each stand alone: no BEGIN/COMMIT
-    round trips around every insert and read (the ingest insert is atomic by itself).
+    The API skips the ping before each checkout: a dead pooled connection fails one
+    statement, the pool's connections are then replaced, and the client retries (ingest
+    answers 503). The leader pings: its few, batched transactions must not start on a
+    connection a Postgres restart broke, whose clean-up after a failure can stall.
     """
-    server_settings = session_settings(settings, leader=leader)
-    return create_async_engine(
-        engine_url(settings.database_url),
-        **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
-        pool_size=pool_size or settings.db_pool_size,
-        max_overflow=0,
-        pool_timeout=settings.db_timeout,
-        # The API skips pre-ping: a dead pooled connection fails one statement, SQLAlchemy
-        # then invalidates the pool, and the client retries (ingest answers 503). The leader
-        # pings: its few, batched transactions must not start on a connection a Postgres
-        # restart broke, whose clean-up after a failure can stall.
-        pool_pre_ping=leader,
-        connect_args={
-            "timeout": settings.db_timeout,
-            "command_timeout": settings.db_timeout * 2,
-            "server_settings": server_settings,
-        },
+    return Engine(
+        driver_dsn(settings.database_url),
+        size=pool_size or settings.db_pool_size,
+        timeout=settings.db_timeout,
+        server_settings=session_settings(settings, leader=leader),
+        pre_ping=leader,
     )
 
 
 def session_settings(settings: Settings, *, leader: bool) -> dict[str, str]:
     """Server settings of our sessions; a leader's add the bounds ``create_engine`` explains
-    (the raw connections of ``app.store.claims`` use the same)."""
+    (the connections of ``app.store.claims`` and ``app.store.ingest`` use the same)."""
     server_settings = {"application_name": f"paydispatch:{settings.node_id}"[:63]}
     if leader:
         idle_ms = int(min(1.0, settings.lease_ttl / 2) * 1000)
@@ -91,12 +247,13 @@ def session_settings(settings: Settings, *, leader: bool) -> dict[str, str]:
 
 
 def engine_url(database_url: str) -> str:
-    """DATABASE_URL with the driver SQLAlchemy needs (the app picks it, not the operator)."""
+    """DATABASE_URL with the driver SQLAlchemy needs (the app picks it, not the operator;
+    only ``paydispatch migrate`` uses SQLAlchemy)."""
     return _with_scheme(database_url, "postgresql+asyncpg")
 
 
 def driver_dsn(database_url: str) -> str:
-    """DATABASE_URL as a plain libpq-style DSN the driver accepts directly (LISTEN)."""
+    """DATABASE_URL as a plain libpq-style DSN the driver accepts directly."""
     return _with_scheme(database_url, "postgresql")
 
 
@@ -106,7 +263,8 @@ def _with_scheme(url: str, scheme: str) -> str:
 
 
 def sqlstate_of(exc: BaseException) -> str | None:
-    """The SQLSTATE carried by a driver exception, however deeply SQLAlchemy wrapped it."""
+    """The SQLSTATE carried by a driver exception, however deeply it is wrapped (causes, and
+    SQLAlchemy's ``orig`` in ``paydispatch migrate``)."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -121,9 +279,11 @@ def sqlstate_of(exc: BaseException) -> str | None:
 
 def is_unavailable(exc: BaseException) -> bool:
     """True when ``exc`` means Postgres cannot be reached now (as opposed to a bad query)."""
-    if isinstance(exc, (OSError, TimeoutError, sqlalchemy.exc.TimeoutError)):
+    if isinstance(exc, (OSError, TimeoutError)):
         return True
-    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
+    # SQLAlchemy's wrapper (``paydispatch migrate`` only) says so when the driver lost the
+    # connection; read by name, so that nothing here imports SQLAlchemy.
+    if getattr(exc, "connection_invalidated", False) is True:
         return True
     state = sqlstate_of(exc)
     if state is not None:
@@ -133,14 +293,16 @@ def is_unavailable(exc: BaseException) -> bool:
         return is_unavailable(cause)
     # asyncpg's "connection was closed in the middle of operation" and friends carry no
     # SQLSTATE; they are all InterfaceError subclasses. InternalClientError ("cannot switch
-    # to state ...; another operation is in progress") is what a raw asyncpg connection
-    # (app.store.ingest, app.store.claims) raises when the server ended it under a statement:
-    # SQLAlchemy used to wrap it as an InterfaceError.
-    return isinstance(exc, sqlalchemy.exc.InterfaceError) or type(exc).__name__ in {
+    # to state ...; another operation is in progress") is what asyncpg raises when the
+    # server ended the session under a statement. By name, because SQLAlchemy's wrappers
+    # (migrate) are named alike: its InterfaceError, and its TimeoutError (pool exhausted),
+    # which is no builtin TimeoutError.
+    return type(exc).__name__ in {
         "ConnectionDoesNotExistError",
         "InterfaceError",
         "ConnectionFailureError",
         "InternalClientError",
+        "TimeoutError",
     }
 
 
@@ -184,7 +346,7 @@ def _message(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-async def ping(engine: AsyncEngine) -> None:
+async def ping(engine: Engine) -> None:
     """One round trip to Postgres (readiness); raises whatever the driver raises."""
     async with engine.connect() as conn:
-        await conn.execute(text("SELECT 1"))
+        await conn.execute("SELECT 1")

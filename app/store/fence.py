@@ -13,41 +13,34 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 
-from sqlalchemy import text
-
-from app.errors import ConfigurationError, LeadershipLost, StaleLeader
+from app.errors import ConfigurationError, PaydispatchError, StaleLeader
 from app.store.engine import Connection, Engine, translate, typed_errors
 
-_RAISE_FENCE = text("SELECT paydispatch_raise_fence(:name, :token, :holder)")
-_READ_FENCE = text("SELECT token, holder FROM leader_fence WHERE name = :name")
-_ASSERT_FENCE = text("SELECT paydispatch_assert_fence(:fence, :token)")
+_RAISE_FENCE = "SELECT paydispatch_raise_fence($1, $2, $3)"
+_ASSERT_FENCE = "SELECT paydispatch_assert_fence($1, $2)"
 
 # The triggers that make fencing real: the two that check every leader write against the fence
 # named in their argument, and the two that keep the fence row from going down or away.
 FENCE_TRIGGERS = {"payments": "payments_fence", "payment_attempts": "payment_attempts_fence"}
 GUARD_TRIGGERS = ("leader_fence_guard", "leader_fence_no_truncate")
-_TRIGGERS = text(
-    """
-    SELECT c.relname AS table_name, t.tgname AS name, t.tgenabled::text AS enabled,
-           t.tgnargs AS nargs, t.tgargs AS args
-    FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
-    WHERE t.tgrelid IN (to_regclass('payments'), to_regclass('payment_attempts'),
-                        to_regclass('leader_fence'))
-      AND NOT t.tgisinternal
-    """
-)
-_FENCE_EXISTS = text("SELECT 1 FROM leader_fence WHERE name = :name")
-_PRIVILEGES = text(
-    """
-    SELECT current_user AS login,
-           (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS superuser,
-           has_table_privilege('leader_fence', 'UPDATE')
-             OR has_table_privilege('leader_fence', 'DELETE')
-             OR has_table_privilege('leader_fence', 'TRUNCATE') AS can_write_fence,
-           CASE WHEN EXISTS (SELECT 1 FROM pg_roles WHERE rolname = :role)
-                THEN pg_has_role(:role, 'MEMBER') ELSE false END AS in_replica_role
-    """
-)
+_TRIGGERS = """
+SELECT c.relname AS table_name, t.tgname AS name, t.tgenabled::text AS enabled,
+       t.tgnargs AS nargs, t.tgargs AS args
+FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+WHERE t.tgrelid IN (to_regclass('payments'), to_regclass('payment_attempts'),
+                    to_regclass('leader_fence'))
+  AND NOT t.tgisinternal
+"""
+_FENCE_EXISTS = "SELECT 1 FROM leader_fence WHERE name = $1"
+_PRIVILEGES = """
+SELECT current_user AS login,
+       (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS superuser,
+       has_table_privilege('leader_fence', 'UPDATE')
+         OR has_table_privilege('leader_fence', 'DELETE')
+         OR has_table_privilege('leader_fence', 'TRUNCATE') AS can_write_fence,
+       CASE WHEN EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)
+            THEN pg_has_role($1, 'MEMBER') ELSE false END AS in_replica_role
+"""
 # tgenabled: O fires in normal sessions, A always; D (disabled) and R (replica sessions
 # only) mean the trigger does not guard this replica's writes.
 _FIRING = ("O", "A")
@@ -61,20 +54,11 @@ async def raise_fence(engine: Engine, *, name: str, token: int, holder: str, tim
     leader's remaining validity).
     """
     with typed_errors():
-        async with asyncio.timeout(timeout), engine.begin() as conn:
-            raised = (
-                await conn.execute(_RAISE_FENCE, {"name": name, "token": token, "holder": holder})
-            ).scalar_one()
+        async with engine.transaction(timeout) as conn:
+            raised = await conn.fetchval(_RAISE_FENCE, name, token, holder)
     if raised != token:  # pragma: no cover - the function returns the token or raises
         raise StaleLeader(f"fence {name} answered {raised} when raised to {token}")
     return int(raised)
-
-
-async def read_fence(engine: Engine, name: str) -> tuple[int, str | None]:
-    """(token, holder) of the fence ``name``."""
-    async with engine.connect() as conn:
-        row = (await conn.execute(_READ_FENCE, {"name": name})).one()
-    return int(row.token), row.holder
 
 
 class FencedWriter:
@@ -106,14 +90,11 @@ class FencedWriter:
         (None: unbounded here, the caller bounds it). Driver errors raised in it become typed
         (StaleLeader, DatabaseUnavailable, ...); errors we do not classify pass unchanged."""
         try:
-            async with contextlib.AsyncExitStack() as stack:
-                if timeout is not None:
-                    await stack.enter_async_context(asyncio.timeout(timeout))
-                conn = await stack.enter_async_context(self.engine.begin())
-                await conn.execute(_ASSERT_FENCE, {"fence": self.fence_name, "token": self.token})
+            async with self.engine.transaction(timeout) as conn:
+                await conn.execute(_ASSERT_FENCE, self.fence_name, self.token)
                 yield conn
-        except (StaleLeader, LeadershipLost, asyncio.CancelledError, TimeoutError):
-            raise
+        except (PaydispatchError, asyncio.CancelledError, TimeoutError):
+            raise  # already typed (StaleLeader, LeadershipLost, DatabaseUnavailable, ...)
         except Exception as exc:
             typed = translate(exc)
             if isinstance(typed, StaleLeader) and self.on_stale is not None:
@@ -137,7 +118,7 @@ async def enforced_fence_name(engine: Engine) -> str:
 
 async def read_enforced_fence_name(conn: Connection) -> str:
     """``enforced_fence_name`` on an open connection (``paydispatch migrate`` uses its own)."""
-    triggers = {row.name: row for row in (await conn.execute(_TRIGGERS)).all()}
+    triggers = {row["name"]: row for row in await conn.fetch(_TRIGGERS)}
     names: set[str] = set()
     for table, trigger in FENCE_TRIGGERS.items():
         row = triggers.get(trigger)
@@ -146,12 +127,12 @@ async def read_enforced_fence_name(conn: Connection) -> str:
                 f"the database has no fence trigger {trigger} on {table}: run `paydispatch "
                 "migrate` (as the schema owner) before starting replicas"
             )
-        if row.enabled not in _FIRING:
+        if row["enabled"] not in _FIRING:
             raise ConfigurationError(
                 f"the fence trigger {trigger} on {table} is disabled: fencing does not hold. "
                 f"Re-enable it (ALTER TABLE {table} ENABLE TRIGGER {trigger}) as the owner"
             )
-        args = bytes(row.args).split(b"\0")[: row.nargs]
+        args = bytes(row["args"]).split(b"\0")[: row["nargs"]]
         names.add(args[0].decode() if args else "")
     if len(names) != 1:
         raise ConfigurationError(
@@ -160,13 +141,13 @@ async def read_enforced_fence_name(conn: Connection) -> str:
         )
     for trigger in GUARD_TRIGGERS:
         row = triggers.get(trigger)
-        if row is None or row.enabled not in _FIRING:
+        if row is None or row["enabled"] not in _FIRING:
             raise ConfigurationError(
                 f"the fence guard trigger {trigger} on leader_fence is missing or disabled: "
                 "run `paydispatch migrate`, or re-enable it as the owner"
             )
     (name,) = names
-    if (await conn.execute(_FENCE_EXISTS, {"name": name})).first() is None:
+    if await conn.fetchrow(_FENCE_EXISTS, name) is None:
         raise ConfigurationError(
             f"the fence triggers check fence {name!r}, but leader_fence has no such row"
         )
@@ -194,12 +175,14 @@ async def privilege_warnings(engine: Engine, replica_role: str) -> list[str]:
     legitimately connect as the owner."""
     with typed_errors():
         async with engine.connect() as conn:
-            row = (await conn.execute(_PRIVILEGES, {"role": replica_role})).one()
+            row = await conn.fetchrow(_PRIVILEGES, replica_role)
+    assert row is not None  # a SELECT without FROM returns one row
+    login = row["login"]
     warnings = []
-    if row.superuser:
-        warnings.append(f"connected to Postgres as superuser {row.login!r}")
-    elif row.can_write_fence:
-        warnings.append(f"Postgres user {row.login!r} can write leader_fence directly")
-    if not row.in_replica_role:
-        warnings.append(f"Postgres user {row.login!r} is not a member of {replica_role!r}")
+    if row["superuser"]:
+        warnings.append(f"connected to Postgres as superuser {login!r}")
+    elif row["can_write_fence"]:
+        warnings.append(f"Postgres user {login!r} can write leader_fence directly")
+    if not row["in_replica_role"]:
+        warnings.append(f"Postgres user {login!r} is not a member of {replica_role!r}")
     return warnings

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import asyncpg
 import orjson
 
 from app.domain.payment import Payment, PaymentRequest
 from app.domain.states import PaymentStatus
-from app.store.engine import driver_dsn
+from app.store.engine import close_pool, driver_dsn, open_pool
 
 _COLUMNS = (
     "id, idempotency_key, request_fingerprint, amount, currency, reference, description, "
@@ -38,11 +37,6 @@ RETURNING {_COLUMNS}
 """
 _SELECT_BY_KEY = f"SELECT {_COLUMNS} FROM payments WHERE idempotency_key = $1"
 _STATUSES = {status.value: status for status in PaymentStatus}
-
-
-async def _no_reset(connection: Any) -> None:
-    """Nothing to reset: ingest leaves no session state (asyncpg still rolls back an open
-    transaction before calling this)."""
 
 
 class IngestStore:
@@ -65,23 +59,14 @@ class IngestStore:
     async def open(self) -> None:
         """Create the pool; connections open on first use (a replica may start while
         Postgres is still coming up)."""
-        self._pool = await asyncpg.create_pool(
-            self._dsn,
-            min_size=0,
-            max_size=self._size,
-            timeout=self._timeout,
-            command_timeout=self._timeout * 2,
-            server_settings=self._server_settings,
-            reset=_no_reset,
+        self._pool = await open_pool(
+            self._dsn, size=self._size, timeout=self._timeout, server_settings=self._server_settings
         )
 
     async def close(self) -> None:
         """Close every connection (bounded: a dead server must not hold shutdown)."""
         if self._pool is not None:
-            try:
-                await self._pool.close()
-            except Exception:
-                self._pool.terminate()
+            await close_pool(self._pool)
 
     async def enqueue(
         self,

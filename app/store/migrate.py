@@ -2,6 +2,10 @@
 
 Five replicas starting at once all call this; the first takes the lock and migrates, the
 others wait on the lock and then find nothing left to do. All of them succeed.
+
+The one place besides the tests that loads SQLAlchemy and Alembic: the ``migrate`` command
+imports this module lazily, and nothing a running replica imports reaches it
+(tests/unit/test_architecture.py holds that).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 import migrations
 from app.settings import Settings
+from app.store.engine import Connection as DriverConnection
 from app.store.engine import engine_url, typed_errors
 from app.store.fence import check_fence_name, read_enforced_fence_name
 from app.store.roles import sync_replica_role
@@ -75,7 +80,10 @@ async def _migrate(settings: Settings) -> tuple[str | None, str]:
                 after = await conn.run_sync(_current_revision)
                 # After the commit: the schema is fine; this configuration is not, and every
                 # replica started with it would refuse to start (say so now, once).
-                check_fence_name(settings.fence_name, await read_enforced_fence_name(conn))
+                # The store's reads take the driver's connection, as a replica's do.
+                raw = await conn.get_raw_connection()
+                enforced = await read_enforced_fence_name(DriverConnection(raw.driver_connection))
+                check_fence_name(settings.fence_name, enforced)
             finally:
                 await conn.execute(
                     text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY}

@@ -8,6 +8,9 @@ lower or remove the fence and let a superseded leader write again.
 Every migrate resets the role's privileges on this schema to exactly the list below, so a
 privilege granted by hand, or needed by an older version only, does not linger. The role is a
 group (NOLOGIN): operators create login users in it (README "Database roles").
+
+Only ``paydispatch migrate`` (``app.store.migrate``) uses this module, on its SQLAlchemy
+connection: a running replica never imports it.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ import logging
 import re
 
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection as Connection
 
 from app.errors import ConfigurationError
 from app.settings import ROLE_NAME_PATTERN
-from app.store.engine import Connection, sqlstate_of
+from app.store.engine import sqlstate_of
 
 log = logging.getLogger(__name__)
 

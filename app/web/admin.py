@@ -46,7 +46,7 @@ async def audit(
     **detail: Any,
 ) -> None:
     """Append one admin action to the audit table."""
-    async with request.app[ENGINE].begin() as conn:
+    async with request.app[ENGINE].transaction() as conn:
         await payments.audit(
             conn,
             actor=actor(request),
@@ -133,7 +133,7 @@ async def retry_payment(request: web.Request) -> web.Response:
                 "reconcile the payment instead of sending it again",
             )
         new_key = str(uuid.uuid4())
-    async with request.app[ENGINE].begin() as conn:
+    async with request.app[ENGINE].transaction() as conn:
         requeued = await payments.admin_requeue(
             conn,
             payment_id=payment.id,
@@ -165,7 +165,7 @@ async def reconcile_payment(request: web.Request) -> web.Response:
         )
 
     async def settle(settlement: Settlement) -> bool:
-        async with request.app[ENGINE].begin() as conn:
+        async with request.app[ENGINE].transaction() as conn:
             return await payments.admin_settle(
                 conn,
                 payment_id=settlement.payment_id,

@@ -35,7 +35,7 @@ from app.web.state import (
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    engine = create_engine(settings, autocommit=True)
+    engine = create_engine(settings)
     ingest = IngestStore(
         settings.database_url,
         size=settings.db_pool_size,
@@ -49,7 +49,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await ingest.close()
-        await engine.dispose()
+        await engine.close()
 
 
 async def _mark_shutting_down(app: web.Application) -> None:

@@ -273,7 +273,7 @@ async def test_the_enforced_fence_name_is_read_from_the_schema(database_url: str
     try:
         assert await enforced_fence_name(engine) == "payments"
     finally:
-        await engine.dispose()
+        await engine.close()
 
 
 def test_a_replica_whose_fence_name_the_schema_does_not_enforce_refuses_to_start(

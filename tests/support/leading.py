@@ -79,4 +79,4 @@ async def leading(settings: Settings, token: int) -> AsyncIterator[Leading]:
             yield running
         finally:
             await running.stop()
-            await engine.dispose()
+            await engine.close()

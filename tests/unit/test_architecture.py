@@ -1,6 +1,7 @@
 """The package map holds: lower layers never import upper ones, the elector never imports
 the store, only the store talks SQL, the stand-in provider imports nothing of the service,
-and there is no import cycle. Read from the source with ``ast``; nothing is imported."""
+a running replica never loads SQLAlchemy or Alembic, and there is no import cycle. Read from
+the source with ``ast``; nothing is imported."""
 
 from __future__ import annotations
 
@@ -137,6 +138,104 @@ def test_app_imports_opentelemetry_only_once_tracing_is_on() -> None:
         if name.split(".")[0] == "opentelemetry"
     }
     assert offending == set()
+
+
+# Only `paydispatch migrate` (and the tests) may load these: they cost a replica some 20 MB of
+# memory, and a replica's RSS is held under 80 MB. The migrate command imports
+# app.store.migrate lazily; nothing a replica imports may reach them.
+MIGRATION_ONLY = ("sqlalchemy", "alembic", "migrations")
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _names(node: ast.Import | ast.ImportFrom) -> set[str]:
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names}
+    if node.level != 0 or not node.module:
+        return set()
+    return {f"{node.module}.{alias.name}" for alias in node.names} & MODULES or {node.module}
+
+
+def imports_on_load(nodes: list[ast.stmt]) -> set[str]:
+    """The imports that run when these statements run: nested blocks (if, try, with, class
+    bodies) included; function bodies (lazy imports) and ``if TYPE_CHECKING:`` not."""
+    found: set[str] = set()
+    pending: list[ast.AST] = list(nodes)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            pending.extend(node.orelse)
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found |= _names(node)
+        pending.extend(ast.iter_child_nodes(node))
+    return found
+
+
+LOADED = {app_module(path): imports_on_load(ast.parse(path.read_text()).body) for path in SOURCES}
+
+
+def loaded_by(roots: set[str]) -> set[str]:
+    """Every module importing ``roots`` loads: app modules followed through their module-level
+    imports (and their packages' ``__init__``), the others as named."""
+    seen: set[str] = set()
+    pending = list(roots)
+    while pending:
+        module = pending.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        parts = module.split(".")
+        pending.extend(".".join(parts[:i]) for i in range(1, len(parts)))  # the packages
+        pending.extend(LOADED.get(module, ()))
+    return seen
+
+
+def serve_command_roots() -> set[str]:
+    """What ``paydispatch serve`` imports: the CLI module, then its command's lazy imports."""
+    cli = ast.parse((APP / "cli.py").read_text())
+    (serve,) = [
+        node for node in cli.body if isinstance(node, ast.FunctionDef) and node.name == "serve"
+    ]
+    lazy = {
+        name
+        for node in ast.walk(serve)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for name in _names(node)
+    }
+    return {"app.cli", *lazy}
+
+
+def _migration_only(modules: set[str]) -> set[str]:
+    return {module for module in modules if module.split(".")[0] in MIGRATION_ONLY}
+
+
+@pytest.mark.parametrize(
+    "roots", [{"app.replica"}, serve_command_roots()], ids=["replica", "serve"]
+)
+def test_a_running_replica_never_loads_sqlalchemy_or_alembic(roots: set[str]) -> None:
+    loaded = loaded_by(roots)
+    offending = {
+        f"{module} imports {target}"
+        for module in loaded
+        for target in _migration_only(LOADED.get(module, set()))
+    }
+
+    assert "app.replica" in loaded
+    assert offending == set()
+
+
+def test_the_migrate_command_is_what_loads_them() -> None:
+    # The check above sees imports at all: the migration path does reach SQLAlchemy.
+    assert {"sqlalchemy", "alembic"} <= {
+        module.split(".")[0] for module in _migration_only(loaded_by({"app.store.migrate"}))
+    }
 
 
 def test_there_is_no_import_cycle_between_app_modules() -> None:

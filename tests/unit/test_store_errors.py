@@ -1,5 +1,8 @@
 """Postgres failures → typed errors (app.store.engine's pure helpers), on constructed exception
-objects: no database involved."""
+objects: no database involved.
+
+A replica sees asyncpg's exceptions as they are; ``paydispatch migrate`` sees them wrapped by
+SQLAlchemy. Both are mapped alike, so both kinds are here."""
 
 from __future__ import annotations
 
@@ -20,10 +23,16 @@ class DriverError(Exception):
 
 
 def wrapped(orig: BaseException, *, invalidated: bool = False) -> sqlalchemy.exc.DBAPIError:
-    """What SQLAlchemy raises around a driver error."""
+    """What SQLAlchemy raises around a driver error (``paydispatch migrate``)."""
     return sqlalchemy.exc.DBAPIError(
         "UPDATE payments ...", None, orig, connection_invalidated=invalidated
     )
+
+
+def postgres_error(sqlstate: str, message: str) -> asyncpg.PostgresError:
+    """What asyncpg raises for an error the server sent (our triggers' SQLSTATEs included)."""
+    error: asyncpg.PostgresError = asyncpg.PostgresError.new({"C": sqlstate, "M": message})
+    return error
 
 
 def caused_by(cause: BaseException) -> RuntimeError:
@@ -38,6 +47,10 @@ def caused_by(cause: BaseException) -> RuntimeError:
 
 def test_the_sqlstate_is_read_from_the_exception_itself() -> None:
     assert sqlstate_of(DriverError("x", "23505")) == "23505"
+
+
+def test_the_sqlstate_of_an_asyncpg_error_is_read_even_for_our_own_codes() -> None:
+    assert sqlstate_of(postgres_error("PDF01", "fence token 3 < 7")) == "PDF01"
 
 
 def test_the_sqlstate_is_found_through_sqlalchemys_wrapper() -> None:
@@ -72,7 +85,11 @@ def test_a_cycle_of_causes_ends_the_search() -> None:
         sqlalchemy.exc.TimeoutError("QueuePool limit reached"),
         wrapped(Exception("server closed the connection"), invalidated=True),
         DriverError("connection failure", "08006"),
+        postgres_error("08006", "connection failure"),
         asyncpg.exceptions.AdminShutdownError("terminating connection"),
+        postgres_error("57P01", "terminating connection due to administrator command"),
+        asyncpg.exceptions.ConnectionDoesNotExistError("closed in the middle of operation"),
+        asyncpg.exceptions.InterfaceError("cannot call Connection.fetch(): connection is closed"),
         DriverError("the database system is starting up", "57P03"),
         DriverError("too many connections", "53300"),
         wrapped(asyncpg.exceptions.ConnectionDoesNotExistError("closed mid-operation")),
@@ -90,6 +107,9 @@ def test_a_postgres_that_cannot_be_reached_now_is_unavailable(exc: BaseException
         DriverError("duplicate key", "23505"),
         DriverError("relation does not exist", "42P01"),
         DriverError("stale token", "PDF01"),
+        postgres_error("PDF01", "stale token"),
+        asyncpg.exceptions.UniqueViolationError("duplicate key"),
+        asyncpg.exceptions.DataError("invalid input for query argument $1"),
         ValueError("a bug"),
         wrapped(DriverError("syntax error", "42601")),
     ],
@@ -129,16 +149,30 @@ def test_a_stale_token_or_unknown_fence_means_this_leader_is_stale(sqlstate: str
     assert "CONTEXT" not in str(typed)
 
 
-def test_a_change_to_a_terminal_payment_is_a_terminal_state_violation() -> None:
-    typed = translate(wrapped(DriverError("payment 9 is terminal", "PDT01")))
+@pytest.mark.parametrize("sqlstate", ["PDF01", "PDF03"])
+def test_the_fence_triggers_refusal_as_asyncpg_raises_it_means_stale(sqlstate: str) -> None:
+    typed = translate(
+        asyncpg.PostgresError.new({"C": sqlstate, "M": "fence token 3 < 7", "D": "fence at 7"})
+    )
+
+    assert isinstance(typed, StaleLeader)
+    assert "Postgres said: fence token 3 < 7" in str(typed)
+    assert "DETAIL" not in str(typed)
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["wrapped", "asyncpg"])
+def test_a_change_to_a_terminal_payment_is_a_terminal_state_violation(raw: bool) -> None:
+    error = postgres_error("PDT01", "payment 9 is terminal")
+    typed = translate(error if raw else wrapped(DriverError("payment 9 is terminal", "PDT01")))
 
     assert isinstance(typed, TerminalStateViolation)
     assert str(typed) == "payment 9 is terminal"
 
 
-@pytest.mark.parametrize("sqlstate", ["PDF02", "PDI01", "PDA01"])
+@pytest.mark.parametrize("sqlstate", ["PDF02", "PDF04", "PDI01", "PDA01"])
 def test_the_other_paydispatch_rules_are_integrity_violations(sqlstate: str) -> None:
     assert isinstance(translate(DriverError("rule broken", sqlstate)), IntegrityViolation)
+    assert isinstance(translate(postgres_error(sqlstate, "rule broken")), IntegrityViolation)
 
 
 def test_an_unreachable_postgres_is_database_unavailable() -> None:
