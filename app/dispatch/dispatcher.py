@@ -141,6 +141,7 @@ class Dispatcher:
         # One connection per task that writes: the claim loop's and the recorder's.
         self._claim_lane: LeaderLane = lane()
         self._record_lane: LeaderLane = lane()
+        self._lanes = (self._claim_lane, self._record_lane)
         self._parked_at = time.monotonic() - PARK_INTERVAL + PARK_FIRST  # monotonic
         self._claimed_at = -CLAIM_GAP
         self._outcome_counters: dict[str, Any] = {}  # metric children, one per outcome
@@ -163,8 +164,24 @@ class Dispatcher:
 
     # --- the term -------------------------------------------------------------------------
 
+    async def connect(self) -> None:
+        """Open the claim and record connections ahead of the first statements (best
+        effort: DispatchLeader runs this while it takes over, so that a new leader's first
+        charge waits for no connection set-up it can avoid)."""
+        await asyncio.gather(
+            *(lane.connect(self.settings.db_timeout) for lane in self._lanes),
+        )
+
+    async def close(self) -> None:
+        """Close both connections (``run`` does on its way out; this is for a term that
+        ended before it ran). Idempotent."""
+        for lane in self._lanes:
+            with contextlib.suppress(Exception):
+                await lane.close()
+
     async def run(self) -> None:
-        """Recover, then claim → call → record until asked to stop. Stale → StaleLeader."""
+        """Claim → call → record until asked to stop (DispatchLeader has raised the fence
+        and taken back what older leaders left in flight). Stale → StaleLeader."""
         # Bound before the helpers start: they inherit the context, so their lines carry it.
         structlog.contextvars.bind_contextvars(token=self.token)
         helpers = [
@@ -172,23 +189,13 @@ class Dispatcher:
             asyncio.create_task(self._listen(), name="dispatch-listener"),
             asyncio.create_task(self._reconcile_loop(), name="dispatch-reconcile"),
         ]
-        # Both lanes connect while the recovery runs, not on the first claim and record:
-        # a new leader's first charge should wait for no connection set-up it can avoid.
-        warming = [
-            asyncio.create_task(lane.connect(self.settings.db_timeout), name="lane-connect")
-            for lane in (self._claim_lane, self._record_lane)
-        ]
         try:
-            await self._recover()
             await self._claim_loop(helpers)
             await self._drain_gracefully()
         finally:
             # Shielded: the elector cancels this task when it steps down, possibly while we
             # are already unwinding; the final (fenced) writes must still be attempted.
             # _leave is bounded by its own timeouts.
-            for task in warming:
-                task.cancel()
-            await asyncio.gather(*warming, return_exceptions=True)
             leaving = asyncio.ensure_future(self._leave(helpers))
             try:
                 await asyncio.shield(leaving)
@@ -205,9 +212,7 @@ class Dispatcher:
         try:
             await self._final_writes()
         finally:
-            for lane in (self._claim_lane, self._record_lane):
-                with contextlib.suppress(Exception):
-                    await lane.close()
+            await self.close()
 
     async def _claim_loop(self, helpers: Sequence[asyncio.Task[None]]) -> None:
         settings = self.settings
@@ -591,30 +596,7 @@ class Dispatcher:
                 exc,
             )
 
-    # --- recovery and reconciliation ------------------------------------------------------
-
-    async def _recover(self) -> None:
-        """Before claiming anything: re-queue every payment an older leader left in flight."""
-        while True:
-            timeout = self.leadership.call_timeout(self.settings.db_timeout)
-            try:
-                async with self.fenced.transaction(timeout) as conn:
-                    recovered = len(
-                        await payments.recover(conn, token=self.token, node=self.settings.node_id)
-                    )
-            except (DatabaseUnavailable, TimeoutError) as exc:
-                self._outage(exc)  # bounded by the stall limit, like every other retry here
-                await asyncio.sleep(OUTAGE_RETRY)
-                continue
-            self._back()
-            break
-        if recovered:
-            self.stats.recovered += recovered
-            log.info(
-                "token %s: re-queued %d payments left in flight by an older leader",
-                self.token,
-                recovered,
-            )
+    # --- reconciliation ------------------------------------------------------------------
 
     async def _reconcile_loop(self) -> None:
         while True:

@@ -1,7 +1,9 @@
 """The leader's side of a term: the elector's subscriber.
 
 For each term the elector publishes, this raises the Postgres fence to the term's token
-before anything else (so no older leader can write from then on), runs the dispatcher, and
+before anything else (so no older leader can write from then on) and, in the same
+transaction, puts back in the queue what older leaders left in flight; it runs the
+dispatcher, and
 ends the term when the dispatcher stops making progress: a driver wedged in a clean-up after
 Postgres went away must not hold the lease while nothing is charged.
 """
@@ -21,8 +23,9 @@ from app.leadership.term import Term
 from app.obs.metrics import Metrics
 from app.obs.tracing import Tracing
 from app.settings import Settings
+from app.store import payments
 from app.store.engine import Engine
-from app.store.fence import raise_fence
+from app.store.fence import raised_fence
 
 log = logging.getLogger(__name__)
 
@@ -63,44 +66,64 @@ class DispatchLeader:
         self.metrics = metrics
 
     async def __call__(self, term: Term) -> None:
-        """Lead for ``term``: fence, then dispatch until the term ends or the work stalls."""
+        """Lead for ``term``: take over (fence, recovery), then dispatch until the term ends
+        or the work stalls."""
         settings = self.settings
-        await self._raise_fence(term)
-        term.ensure_valid()
-        term.begin_acting()
-        companions = [
-            asyncio.create_task(_companion(run, term), name="leader-companion")
-            for run in self.companions
-        ]
         dispatcher = Dispatcher(
             settings, self.engine, self.provider, term, self.stats, self.metrics, self.tracing
         )
+        # The dispatcher's connections open while the take-over transaction runs.
+        connecting = asyncio.create_task(dispatcher.connect(), name="dispatcher-connect")
         try:
-            await run_watched(
-                dispatcher.run(), lambda: dispatcher.last_progress, stall_limit(settings)
-            )
+            await self._take_over(term)
+            term.ensure_valid()
+            term.begin_acting()
+            companions = [
+                asyncio.create_task(_companion(run, term), name="leader-companion")
+                for run in self.companions
+            ]
+            try:
+                await run_watched(
+                    dispatcher.run(), lambda: dispatcher.last_progress, stall_limit(settings)
+                )
+            finally:
+                for task in companions:
+                    task.cancel()
+                await asyncio.gather(*companions, return_exceptions=True)
         finally:
-            for task in companions:
-                task.cancel()
-            await asyncio.gather(*companions, return_exceptions=True)
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
+            await dispatcher.close()
 
-    async def _raise_fence(self, term: Term) -> None:
-        """Fence older leaders out before anything else. While Postgres does not answer, keep
-        the lease and retry (a restart is over in seconds; churning through terms would not
-        bring it back sooner), but only for the stall limit: a leader cut off from Postgres
-        must let a replica that can reach it lead."""
+    async def _take_over(self, term: Term) -> None:
+        """Fence older leaders out before anything else and, in the same transaction, put
+        back in the queue whatever they left in flight (re-sent later under the same
+        provider keys). While Postgres does not answer, keep the lease and retry (a restart
+        is over in seconds; churning through terms would not bring it back sooner), but only
+        for the stall limit: a leader cut off from Postgres must let a replica that can
+        reach it lead."""
         settings = self.settings
         give_up = time.monotonic() + stall_limit(settings)
         warned = False
         while True:
             try:
-                await raise_fence(
+                async with raised_fence(
                     self.engine,
                     name=settings.fence_name,
                     token=term.token,
                     holder=settings.node_id,
                     timeout=term.call_timeout(settings.db_timeout),
-                )
+                ) as conn:
+                    recovered = await payments.recover(
+                        conn, token=term.token, node=settings.node_id
+                    )
+                if recovered:
+                    self.stats.recovered += len(recovered)
+                    log.info(
+                        "token %s: re-queued %d payments left in flight by an older leader",
+                        term.token,
+                        len(recovered),
+                    )
                 return
             except (DatabaseUnavailable, TimeoutError) as exc:
                 if time.monotonic() >= give_up:

@@ -6,7 +6,7 @@ Fencing rules (enforced by the database itself, ``migrations/versions/0001_initi
 ``0004_fence_guard.py``):
 
 - ``leader_fence`` holds, per queue, the highest token any leader has raised it to.
-  :func:`~app.store.fence.raise_fence` moves it only upward (equal = the same leader again),
+  :func:`~app.store.fence.raised_fence` moves it only upward (equal = the same leader again),
   taking the row lock that fenced writes wait on; it never creates a row (unknown name: PDF03).
 - No statement lowers, renames or deletes a fence row, the owner's included (trigger, PDF04).
   Replicas run as a role that cannot write the table at all except through the raise function

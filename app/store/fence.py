@@ -46,8 +46,13 @@ SELECT current_user AS login,
 _FIRING = ("O", "A")
 
 
-async def raise_fence(engine: Engine, *, name: str, token: int, holder: str, timeout: float) -> int:
-    """Move the fence ``name`` up to ``token`` (equal is fine: the same leader again).
+@contextlib.asynccontextmanager
+async def raised_fence(
+    engine: Engine, *, name: str, token: int, holder: str, timeout: float
+) -> AsyncIterator[Connection]:
+    """A transaction that first moves the fence ``name`` up to ``token`` (equal is fine: the
+    same leader again), then lets the caller write under it before one COMMIT: a new
+    leader's take-over work costs no second transaction.
 
     Raises StaleLeader if a newer token already holds the fence, DatabaseUnavailable if
     Postgres cannot be reached or does not answer within ``timeout`` (keep it below the
@@ -56,9 +61,9 @@ async def raise_fence(engine: Engine, *, name: str, token: int, holder: str, tim
     with typed_errors():
         async with engine.transaction(timeout) as conn:
             raised = await conn.fetchval(_RAISE_FENCE, name, token, holder)
-    if raised != token:  # pragma: no cover - the function returns the token or raises
-        raise StaleLeader(f"fence {name} answered {raised} when raised to {token}")
-    return int(raised)
+            if raised != token:  # pragma: no cover - the function returns the token or raises
+                raise StaleLeader(f"fence {name} answered {raised} when raised to {token}")
+            yield conn
 
 
 class FencedWriter:
