@@ -147,6 +147,7 @@ async def _leadership(app: web.Application) -> AsyncIterator[None]:
     # The leader's own pool and HTTP session: ingest load must not starve the dispatcher
     # of connections, nor the other way round.
     leader_engine = create_engine(settings, pool_size=4, leader=True)
+    await leader_engine.warm()
     http = aiohttp.ClientSession(
         # Keep-alive connections (aiohttp's default), as many as calls may be in flight, so
         # a steady drain never opens a connection per charge.
