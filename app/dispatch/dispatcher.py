@@ -64,6 +64,11 @@ RECORD_FLUSH = 0.05
 # wake-up, and wake-ups (one NOTIFY per ingested payment) are coalesced to at most one claim
 # per CLAIM_GAP seconds. The first claim after a quiet spell goes at once (idle latency).
 CLAIM_GAP = 0.01
+# A claimed batch's calls start CALL_WAVE at a time, one event-loop turn apart: the
+# replica's ingest shares this loop, and a request waits, at each of its awaits, for every
+# step made ready before it. A new leader's catch-up batch started all at once held each
+# ingest step behind dozens of calls' connection set-ups.
+CALL_WAVE = 8
 # Expired provider keys are never claimed (the claim filters them); moving them to
 # needs_reconciliation is bookkeeping, done this often rather than on every claim, and first
 # PARK_FIRST seconds into a term: not between a new leader and its first charge.
@@ -259,7 +264,9 @@ class Dispatcher:
                         (self.leadership.clock() - self.leadership.elected_at) * 1000,
                         len(batch),
                     )
-                for payment in batch:
+                for started, payment in enumerate(batch):
+                    if started and started % CALL_WAVE == 0:
+                        await asyncio.sleep(0)
                     self._start_call(payment)
                 if len(batch) == want:
                     self._claimed_at = -CLAIM_GAP
