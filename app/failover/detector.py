@@ -39,6 +39,10 @@ LEADER_POLL = 0.1
 NOT_A_CRASH_PAUSE = 0.5
 # Pause after Postgres or etcd did not answer.
 RETRY_PAUSE = 0.5
+# A killed process's Postgres session can end before its listening socket closes (seen:
+# the port still accepting ~30 ms after the lock was released): an address that accepts is
+# probed again after these pauses before the leader is deemed alive.
+PROBE_AGAIN = (0.05, 0.15)
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,7 @@ class CrashDetector:
             self.stats.count("key_changed")  # it stepped down or resigned by itself
             return
         # Signal 2, independent of Postgres: does its address refuse connections?
-        if not await refuses_connections(leader.url, config.connect_timeout):
+        if not await _refuses_soon(leader.url, config.connect_timeout):
             self.stats.count("leader_alive")
             log.info(
                 "liveness lock of leader %s (token %s) released, but %s still accepts "
@@ -205,3 +209,14 @@ class CrashDetector:
             leader.url,
             lease,
         )
+
+
+async def _refuses_soon(url: str, timeout: float) -> bool:
+    """``refuses_connections``, asked again after each of PROBE_AGAIN while it says no."""
+    if await refuses_connections(url, timeout):
+        return True
+    for pause in PROBE_AGAIN:
+        await asyncio.sleep(pause)
+        if await refuses_connections(url, timeout):
+            return True
+    return False
