@@ -105,7 +105,7 @@ class Settings(BaseSettings):
         "connections (README 'Fast crash detection').",
     )
     fast_failover_min_interval: float = Field(
-        10.0,
+        5.0,
         ge=0,
         description="Seconds a replica waits after one fast takeover before it may make "
         "another; meanwhile crashes go the lease path.",

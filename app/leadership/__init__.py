@@ -49,9 +49,11 @@ Fast crash detection (``app.failover``; the elector itself stays free of Postgre
     backend sees its socket close and exits within milliseconds; (2) the leader key still
     carries the token *and lease* the follower saw (else it stepped down by itself); (3)
     the leader's advertised address **refuses** a TCP connection (RST: host up, nothing
-    listening). Then it revokes that lease; etcd deletes the key and the next candidate
-    leads as always. At most one fast takeover per replica per
-    ``PAYDISPATCH_FAST_FAILOVER_MIN_INTERVAL``; past that, crashes go the lease path.
+    listening) — asked three times over 200 ms while it accepts, because a killed process's
+    session can end milliseconds before its listener closes. Then it revokes that lease;
+    etcd deletes the key and the next candidate leads as always. At most one fast takeover
+    per replica per ``PAYDISPATCH_FAST_FAILOVER_MIN_INTERVAL`` (5 s: faults closer together
+    than that are not one crash; past it, crashes go the lease path).
     Pitfalls, each guarded:
 
     - A Postgres restart (or a killed leader backend, a pooler) drops every session lock
