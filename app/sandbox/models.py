@@ -11,6 +11,7 @@ import json
 from collections.abc import Mapping
 from typing import Annotated, Any
 
+import orjson
 from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
@@ -109,10 +110,27 @@ def check_idempotency_key(value: str | None) -> tuple[str | None, list[FieldErro
     return value, []
 
 
+def _loads(raw: bytes) -> Any:
+    """``json.loads(raw)``, parsed by orjson where that gives the same document.
+
+    orjson refuses what the stdlib accepts beyond RFC 8259 (NaN, a BOM, lone surrogates,
+    other encodings): those bodies are parsed again by the stdlib, so every body gets the
+    answer it got before. orjson also reads an integer beyond 64 bits as a float, which
+    would change the 400's words for an oversized amount: a float at the top level is
+    parsed again too (nested values are strings or fail alike either way)."""
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
+    if isinstance(document, dict) and any(type(v) is float for v in document.values()):
+        return json.loads(raw)
+    return document
+
+
 def parse_charge_body(raw: bytes) -> tuple[ChargeRequest | None, list[FieldError]]:
     """The validated body, or every reason it is not one."""
     try:
-        document = json.loads(raw)
+        document = _loads(raw)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None, [FieldError("body", "must be a JSON object (could not parse JSON)")]
     if not isinstance(document, dict):
