@@ -6,13 +6,14 @@ Schema and statements live here, the async facade that owns the threads in
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from time import time
 from typing import Any
+
+import orjson
 
 from app.sandbox.records import (
     AlreadyCharged,
@@ -66,7 +67,7 @@ class Failed:
 
 def charge_from_row(row: Sequence[Any]) -> Charge:
     """A charge from a row selected as CHARGE_COLUMNS."""
-    metadata = json.loads(row[9]) if row[9] is not None else None
+    metadata = orjson.loads(row[9]) if row[9] is not None else None
     return Charge(
         sequence=row[0],
         id=row[1],
@@ -218,7 +219,9 @@ def complete(new: NewCharge, conn: sqlite3.Connection) -> Charge:
 def _insert_charge(new: NewCharge, conn: sqlite3.Connection) -> Charge:
     """Insert the charge row; the caller completes its key in the same transaction."""
     params = new.params
-    metadata = json.dumps(new.metadata) if new.metadata is not None else None
+    # orjson: compact UTF-8 (the stdlib wrote \u escapes and spaces): the same mapping
+    # when read back, by either decoder.
+    metadata = orjson.dumps(new.metadata).decode() if new.metadata is not None else None
     # Fails on the UNIQUE idempotency_key if the key was ever charged: at most once, always.
     cursor = conn.execute(
         "INSERT INTO charges (id, idempotency_key, status, amount, currency, reference, "

@@ -60,6 +60,22 @@ class FieldError(dict[str, str]):
         super().__init__(field=field, message=message)
 
 
+JSON_UTF8 = "application/json; charset=utf-8"
+
+
+def orjson_response(
+    payload: Any, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON answer encoded by orjson (several times the stdlib's speed; charges and
+    ledger pages are the provider's own encoding work), with the Content-Type
+    ``web.json_response`` gives, passed as the header it becomes."""
+    return web.Response(
+        body=orjson.dumps(payload),
+        status=status,
+        headers={**headers, "Content-Type": JSON_UTF8} if headers else {"Content-Type": JSON_UTF8},
+    )
+
+
 def problem(
     status: int,
     slug: str,

@@ -26,7 +26,6 @@ import secrets
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import orjson
 from aiohttp import web
 
 from app.sandbox.faults import FaultDraw, FaultInjector
@@ -36,6 +35,7 @@ from app.sandbox.models import (
     FieldError,
     check_idempotency_key,
     invalid_request,
+    orjson_response,
     parse_charge_body,
     problem,
 )
@@ -56,18 +56,15 @@ log = logging.getLogger("paydispatch.provider")
 
 REPLAYED_HEADER = "Idempotent-Replayed"
 FAULT_HEADER = "X-Sandbox-Fault"
-_JSON_UTF8 = "application/json; charset=utf-8"
 
 
 def _charge_response(charge: Charge, *, replayed: bool) -> web.Response:
     # Real processors answer a decline with 402 and the declined charge.
     status = 201 if charge.status == "succeeded" else 402
-    # Content-Type given as the header it becomes: aiohttp need not build it per answer.
-    headers = {"Location": f"/v1/charges/{charge.id}", "Content-Type": _JSON_UTF8}
+    headers = {"Location": f"/v1/charges/{charge.id}"}
     if replayed:
         headers[REPLAYED_HEADER] = "true"
-    # orjson: the answer is most of the provider's own encoding work per charge.
-    return web.Response(body=orjson.dumps(charge.to_json()), status=status, headers=headers)
+    return orjson_response(charge.to_json(), status=status, headers=headers)
 
 
 def _conflict(key: str, *, injected: bool) -> web.Response:
