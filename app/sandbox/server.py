@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import secrets
 import signal
@@ -54,6 +55,8 @@ from app.sandbox.state import SANDBOX_STATE, SandboxState, now_iso
 
 log = logging.getLogger("paydispatch.provider")
 
+# The collector's young generation once serving (CPython's default: 700).
+GC_YOUNG_THRESHOLD = 10_000
 REPLAYED_HEADER = "Idempotent-Replayed"
 FAULT_HEADER = "X-Sandbox-Fault"
 
@@ -347,6 +350,11 @@ async def run_sandbox(
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(signum, stop.set)
                 handled.append(signum)
+        # As app.runtime.settle_heap does for a replica (the provider imports nothing else
+        # from app): start-up frozen, and a young generation that lets a request's
+        # objects die before a collection (GC time per charge fell ~10x).
+        gc.freeze()
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         if on_ready is not None:
             on_ready(url)
         await stop.wait()
