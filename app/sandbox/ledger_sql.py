@@ -100,9 +100,14 @@ def connect(path: Path, *, writer: bool, durable: bool) -> sqlite3.Connection:
     return conn
 
 
-def run_batch(
-    conn: sqlite3.Connection, jobs: list[Callable[[sqlite3.Connection], Any]]
-) -> list[Any]:
+Jobs = list[Callable[[sqlite3.Connection], Any]]
+
+
+class _JobFailed(Exception):
+    """A job of an all-or-nothing batch raised (the cause): run it again job by job."""
+
+
+def run_batch(conn: sqlite3.Connection, jobs: Jobs) -> list[Any]:
     """Run ``jobs`` in one transaction (one commit); a failing job yields :class:`Failed`
     in its slot, a failing commit raises for all.
 
@@ -111,50 +116,45 @@ def run_batch(
     fail, that transaction is rolled back — nothing of it was committed — and the batch runs
     again with a savepoint per job, so that only the failing job is undone. Jobs are pure
     functions of the ledger's state, so the second run does what the first would have."""
-    conn.execute("BEGIN IMMEDIATE")
     try:
-        results = [apply(conn) for apply in jobs]
-    except Exception:
-        conn.execute("ROLLBACK")
-        return _run_batch_isolated(conn, jobs)
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    _commit(conn)
-    return results
+        return _transaction(conn, _all_or_nothing, jobs)
+    except _JobFailed:
+        return _transaction(conn, _each_alone, jobs)
 
 
-def _run_batch_isolated(
-    conn: sqlite3.Connection, jobs: list[Callable[[sqlite3.Connection], Any]]
+def _transaction(
+    conn: sqlite3.Connection, run: Callable[[sqlite3.Connection, Jobs], list[Any]], jobs: Jobs
 ) -> list[Any]:
-    """``run_batch`` with a savepoint per job: a failing job is undone alone."""
-    results: list[Any] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for apply in jobs:
-            conn.execute("SAVEPOINT job")
-            try:
-                results.append(apply(conn))
-            except Exception as exc:
-                conn.execute("ROLLBACK TO job")
-                results.append(Failed(exc))
-            conn.execute("RELEASE job")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    _commit(conn)
-    return results
-
-
-def _commit(conn: sqlite3.Connection) -> None:
-    try:
+        results = run(conn, jobs)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+    return results
+
+
+def _all_or_nothing(conn: sqlite3.Connection, jobs: Jobs) -> list[Any]:
+    try:
+        return [apply(conn) for apply in jobs]
+    except Exception as exc:
+        raise _JobFailed from exc
+
+
+def _each_alone(conn: sqlite3.Connection, jobs: Jobs) -> list[Any]:
+    results: list[Any] = []
+    for apply in jobs:
+        # A savepoint per job: one failing job must not undo the others in the batch.
+        conn.execute("SAVEPOINT job")
+        try:
+            results.append(apply(conn))
+        except Exception as exc:
+            conn.execute("ROLLBACK TO job")
+            results.append(Failed(exc))
+        conn.execute("RELEASE job")
+    return results
 
 
 def reserve(key: str, params: ChargeParams, conn: sqlite3.Connection) -> ReserveResult:
