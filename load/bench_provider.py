@@ -83,8 +83,10 @@ def one_turn(name: str, command: list[str], charges: int, concurrency: int) -> d
             PAYDISPATCH_PROVIDER_PORT=str(port),
             PAYDISPATCH_PROVIDER_LEDGER_PATH=str(Path(tmp) / "ledger.sqlite3"),
         )
+        # Run in the temporary folder: with ``-m`` the current folder comes first on
+        # sys.path, and a command from another venv must import that venv's app.
         process = subprocess.Popen(
-            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            command, cwd=tmp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         try:
             url = f"http://127.0.0.1:{port}/v1/charges"
