@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gc
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +26,7 @@ from app.leadership.keepalive import LoopWatchdog
 from app.leadership.observer import LeaderObserver
 from app.obs.collectors import collect_replica, refresh_counts
 from app.obs.tracing import TracingConfig, start_tracing
+from app.runtime import settle_heap
 from app.settings import Settings
 from app.store.counts import StatusCounts
 from app.store.engine import create_engine
@@ -287,10 +287,7 @@ async def serve(
     try:
         site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
         await site.start()
-        # Everything built at start-up (modules, models, the app) lives as long as the
-        # process: keep it out of the collector's generations, so that collections under
-        # load scan only what requests allocate (shorter pauses, less CPU).
-        gc.freeze()
+        settle_heap()  # start-up is done: freeze it, and a larger young generation
         log.info(
             "serving on http://%s:%s as node %s", settings.host, settings.port, settings.node_id
         )

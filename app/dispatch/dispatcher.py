@@ -150,6 +150,7 @@ class Dispatcher:
         self._parked_at = time.monotonic() - PARK_INTERVAL + PARK_FIRST  # monotonic
         self._claimed_at = -CLAIM_GAP
         self._outcome_counters: dict[str, Any] = {}  # metric children, one per outcome
+        self._latency = metrics.provider_latency
         self.retry = retry_policy(settings)
         self._wake = asyncio.Event()
         self._outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
@@ -157,6 +158,7 @@ class Dispatcher:
         # by _final_writes if the recorder is cancelled holding it (recording is idempotent).
         self._recording: list[Outcome] = []
         self._recorder_idle = asyncio.Event()
+        self._batch_ready = asyncio.Event()  # set when the recorder need not wait longer
         self._recorded_at = -RECORD_FLUSH  # loop time of the last batch write
         self._calls: dict[int, asyncio.Task[None]] = {}
         self._claimed: set[int] = set()  # in flight under our token, not yet recorded
@@ -287,12 +289,9 @@ class Dispatcher:
 
     def _start_call(self, payment: Claimed) -> None:
         self._claimed.add(payment.id)
-        task = asyncio.create_task(self._call(payment))
-        self._calls[payment.id] = task
-        task.add_done_callback(functools.partial(self._call_done, payment.id))
-
-    def _call_done(self, payment_id: int, _: asyncio.Task[None]) -> None:
-        self._calls.pop(payment_id, None)
+        # The call takes itself out of _calls when it ends (no done callback per call: one
+        # loop turn less per payment); a task cancelled before it ran stays until _leave.
+        self._calls[payment.id] = asyncio.create_task(self._call(payment))
 
     async def _drain_gracefully(self) -> None:
         """Resigning: no new claims; give calls in flight a bounded time, record them."""
@@ -364,6 +363,14 @@ class Dispatcher:
     async def _call(self, payment: Claimed) -> None:
         """One provider call. Every way out ends in an outcome queued for recording, or in
         the end of the term (whose way out releases what is still claimed)."""
+        try:
+            await self._call_once(payment)
+        finally:
+            self._calls.pop(payment.id, None)
+            if not self._calls and self.leadership.stopping.is_set():
+                self._batch_ready.set()  # the last call of a stopping term: record now
+
+    async def _call_once(self, payment: Claimed) -> None:
         # Each call is its own task, so this binding is local to the payment's log lines.
         structlog.contextvars.bind_contextvars(
             payment_id=payment.id, idempotency_key=payment.idempotency_key
@@ -383,17 +390,22 @@ class Dispatcher:
                 trace.settled(outcome)
         if outcome is not None:
             self._outcomes.put_nowait(outcome)
+            if self._outcomes.qsize() + 1 >= RECORD_BATCH:
+                self._batch_ready.set()
 
     async def _attempt(self, payment: Claimed, trace: AttemptTrace | None) -> Outcome | None:
         """Call the provider and classify what happened; None if the term ended first."""
         started = datetime.now(UTC)
         try:
             timeout = self.leadership.call_timeout(self.settings.provider_timeout)
-            with self.metrics.provider_latency.time():
+            sent = time.perf_counter()
+            try:
                 if trace is None:
                     charge = await self.provider.charge(payment.request(), timeout=timeout)
                 else:
                     charge = await self._traced_charge(payment, timeout, trace)
+            finally:
+                self._latency.observe(time.perf_counter() - sent)
         except LeadershipLost as exc:
             # Validity ran out before the call: nothing was sent. The term is over; make
             # sure the claim loop ends it too (the way out releases this payment).
@@ -512,19 +524,17 @@ class Dispatcher:
             first = await self._outcomes.get()
             self._recorder_idle.clear()
             batch = self._recording = [first]
-            flush_at = self._recorded_at + RECORD_FLUSH
-            while len(batch) < RECORD_BATCH:
-                if self._outcomes.empty():
-                    left = flush_at - loop.time()
-                    if left <= 0 or (not self._calls and self.leadership.stopping.is_set()):
-                        break
-                    try:
-                        async with asyncio.timeout(left):
-                            batch.append(await self._outcomes.get())
-                    except TimeoutError:
-                        break
-                else:
-                    batch.append(self._outcomes.get_nowait())
+            # Outcomes wait in the queue until the batch is due: one wake-up per batch (the
+            # flush time, a full batch, or the last call of a stopping term), not one per
+            # outcome.
+            left = self._recorded_at + RECORD_FLUSH - loop.time()
+            if left > 0 and not self._batch_due():
+                self._batch_ready.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(left):
+                        await self._batch_ready.wait()
+            while len(batch) < RECORD_BATCH and not self._outcomes.empty():
+                batch.append(self._outcomes.get_nowait())
             self._recorded_at = loop.time()
             while True:
                 try:
@@ -541,6 +551,13 @@ class Dispatcher:
                 # whose writes all fail must still reach its stall limit.
                 self.last_progress = time.monotonic()
                 break
+
+    def _batch_due(self) -> bool:
+        """The recorder need not wait for the flush time: a full batch waits (counting the
+        one it holds), or the term is stopping and no call is left to add to it."""
+        return self._outcomes.qsize() + 1 >= RECORD_BATCH or (
+            not self._calls and self.leadership.stopping.is_set()
+        )
 
     async def _flush_outcomes(self) -> None:
         """Write what the (cancelled) recorder held and what is still queued."""

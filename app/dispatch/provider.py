@@ -9,6 +9,7 @@ follows a redirect (a POST turned into a GET at another address proves nothing).
 from __future__ import annotations
 
 import aiohttp
+from yarl import URL
 
 from app.domain.outcome import Charge, charge_from_ledger, classify_charge_answer, decode_body
 from app.domain.payment import ChargeRequest
@@ -23,6 +24,8 @@ class ProviderClient:
         self.base_url = base_url.rstrip("/")
         self.charges_url = f"{self.base_url}/v1/charges"
         self.session = session
+        # Parsed once: a str URL is parsed (and its host encoded) again on every call.
+        self._charges = URL(f"{self.base_url}/v1/charges")
 
     async def charge(
         self, request: ChargeRequest, *, timeout: float, traceparent: str | None = None
@@ -36,7 +39,7 @@ class ProviderClient:
             headers["traceparent"] = traceparent
         try:
             async with self.session.post(
-                self.charges_url,
+                self._charges,
                 data=request.body(),
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=timeout),
@@ -58,7 +61,7 @@ class ProviderClient:
         UnknownOutcome when the ledger cannot be read or answers something unusable."""
         try:
             async with self.session.get(
-                f"{self.base_url}/v1/charges",
+                self._charges,
                 params={"idempotency_key": provider_key, "limit": "1"},
                 timeout=aiohttp.ClientTimeout(total=timeout),
                 allow_redirects=False,

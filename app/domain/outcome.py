@@ -114,22 +114,17 @@ def mismatch(charge: Charge, request: ChargeRequest) -> str | None:
     Every field is compared exactly as sent: a missing field is a mismatch too, since a
     charge that does not say what it charged proves nothing about this payment.
     """
-    expected = {
-        "amount": request.amount,
-        "currency": request.currency,
-        "idempotency key": request.provider_key,
-        "payment id": str(request.payment_id),
-    }
-    found = {
-        "amount": charge.amount,
-        "currency": charge.currency,
-        "idempotency key": charge.provider_key,
-        "payment id": charge.payment_id,
-    }
+    # (name, found, expected); checked on every charge, so no dicts are built for it.
+    fields = (
+        ("amount", charge.amount, request.amount),
+        ("currency", charge.currency, request.currency),
+        ("idempotency key", charge.provider_key, request.provider_key),
+        ("payment id", charge.payment_id, str(request.payment_id)),
+    )
     differ = [
-        f"{name} {found[name]!r} (expected {want!r})"
-        for name, want in expected.items()
-        if type(found[name]) is not type(want) or found[name] != want
+        f"{name} {found!r} (expected {want!r})"
+        for name, found, want in fields
+        if type(found) is not type(want) or found != want
     ]
     if not differ:
         return None

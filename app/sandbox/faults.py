@@ -39,13 +39,37 @@ class FaultInjector:
         self._rng = random.Random(settings.seed)
         self._decline_amounts = frozenset(settings.decline_amounts)
         self._decline_references = frozenset(settings.decline_references)
+        s = settings
+        # With no fault rates and a fixed latency every draw without a random decline is
+        # this one: made once, not per charge.
+        self._quiet: FaultDraw | None = None
+        if (
+            max(s.error_rate, s.timeout_rate, s.conflict_rate, s.drop_rate) <= 0
+            and s.latency_ms_max == s.latency_ms_min
+        ):
+            self._quiet = FaultDraw(
+                error_status=None,
+                hang=False,
+                conflict=False,
+                drop=False,
+                random_decline=False,
+                latency_seconds=s.latency_ms_min / 1000.0,
+            )
 
     def draw(self) -> FaultDraw:
         """The fate of the next charge request."""
         s = self._settings
-        u_error, u_status, u_hang, u_conflict, u_drop, u_decline, u_latency = (
-            self._rng.random() for _ in range(7)
-        )
+        # Seven draws in a fixed order, whatever the rates (see the module doc).
+        random = self._rng.random
+        u_error = random()
+        u_status = random()
+        u_hang = random()
+        u_conflict = random()
+        u_drop = random()
+        u_decline = random()
+        u_latency = random()
+        if self._quiet is not None and u_decline >= s.decline_rate:
+            return self._quiet  # no fault can be drawn: the same answer every time
         latency_ms = s.latency_ms_min + (s.latency_ms_max - s.latency_ms_min) * u_latency
         return FaultDraw(
             # u < rate: never for rate 0, always for rate 1 (random() is in [0, 1)).

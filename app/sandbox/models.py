@@ -11,6 +11,7 @@ import json
 from collections.abc import Mapping
 from typing import Annotated, Any
 
+import orjson
 from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
@@ -57,6 +58,22 @@ class FieldError(dict[str, str]):
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(field=field, message=message)
+
+
+JSON_UTF8 = "application/json; charset=utf-8"
+
+
+def orjson_response(
+    payload: Any, *, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    """A JSON answer encoded by orjson (several times the stdlib's speed; charges and
+    ledger pages are the provider's own encoding work), with the Content-Type
+    ``web.json_response`` gives, passed as the header it becomes."""
+    return web.Response(
+        body=orjson.dumps(payload),
+        status=status,
+        headers={**headers, "Content-Type": JSON_UTF8} if headers else {"Content-Type": JSON_UTF8},
+    )
 
 
 def problem(
@@ -109,10 +126,27 @@ def check_idempotency_key(value: str | None) -> tuple[str | None, list[FieldErro
     return value, []
 
 
+def _loads(raw: bytes) -> Any:
+    """``json.loads(raw)``, parsed by orjson where that gives the same document.
+
+    orjson refuses what the stdlib accepts beyond RFC 8259 (NaN, a BOM, lone surrogates,
+    other encodings): those bodies are parsed again by the stdlib, so every body gets the
+    answer it got before. orjson also reads an integer beyond 64 bits as a float, which
+    would change the 400's words for an oversized amount: a float at the top level is
+    parsed again too (nested values are strings or fail alike either way)."""
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
+    if isinstance(document, dict) and any(type(v) is float for v in document.values()):
+        return json.loads(raw)
+    return document
+
+
 def parse_charge_body(raw: bytes) -> tuple[ChargeRequest | None, list[FieldError]]:
     """The validated body, or every reason it is not one."""
     try:
-        document = json.loads(raw)
+        document = _loads(raw)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return None, [FieldError("body", "must be a JSON object (could not parse JSON)")]
     if not isinstance(document, dict):

@@ -14,6 +14,7 @@ from app.sandbox.models import (
     MAX_CURSOR,
     MAX_LIST_LIMIT,
     invalid_request,
+    orjson_response,
     parse_int_param,
     parse_text_param,
     problem,
@@ -40,7 +41,7 @@ async def list_charges(request: web.Request) -> web.Response:
     page = await state.require_ledger().list_charges(
         after=after, limit=limit, idempotency_key=key, reference=reference
     )
-    return web.json_response(
+    return orjson_response(
         {
             "data": [charge.to_json() for charge in page.charges],
             "has_more": page.has_more,
@@ -57,7 +58,7 @@ async def get_charge(request: web.Request) -> web.Response:
     charge = await state.require_ledger().get_charge(charge_id) if charge_id else None
     if charge is None or errors:
         return problem(404, "no-such-charge", "No such charge", f"No charge has id {charge_id!r}.")
-    return web.json_response(charge.to_json())
+    return orjson_response(charge.to_json())
 
 
 async def healthz(request: web.Request) -> web.Response:

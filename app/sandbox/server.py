@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import secrets
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import orjson
 from aiohttp import web
 
 from app.sandbox.faults import FaultDraw, FaultInjector
@@ -36,6 +36,7 @@ from app.sandbox.models import (
     FieldError,
     check_idempotency_key,
     invalid_request,
+    orjson_response,
     parse_charge_body,
     problem,
 )
@@ -54,6 +55,8 @@ from app.sandbox.state import SANDBOX_STATE, SandboxState, now_iso
 
 log = logging.getLogger("paydispatch.provider")
 
+# The collector's young generation once serving (CPython's default: 700).
+GC_YOUNG_THRESHOLD = 10_000
 REPLAYED_HEADER = "Idempotent-Replayed"
 FAULT_HEADER = "X-Sandbox-Fault"
 
@@ -64,14 +67,7 @@ def _charge_response(charge: Charge, *, replayed: bool) -> web.Response:
     headers = {"Location": f"/v1/charges/{charge.id}"}
     if replayed:
         headers[REPLAYED_HEADER] = "true"
-    # orjson: the answer is most of the provider's own encoding work per charge.
-    return web.Response(
-        body=orjson.dumps(charge.to_json()),
-        status=status,
-        headers=headers,
-        content_type="application/json",
-        charset="utf-8",
-    )
+    return orjson_response(charge.to_json(), status=status, headers=headers)
 
 
 def _conflict(key: str, *, injected: bool) -> web.Response:
@@ -354,6 +350,11 @@ async def run_sandbox(
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(signum, stop.set)
                 handled.append(signum)
+        # As app.runtime.settle_heap does for a replica (the provider imports nothing else
+        # from app): start-up frozen, and a young generation that lets a request's
+        # objects die before a collection (GC time per charge fell ~10x).
+        gc.freeze()
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         if on_ready is not None:
             on_ready(url)
         await stop.wait()

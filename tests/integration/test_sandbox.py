@@ -537,3 +537,32 @@ async def test_retrying_through_mixed_faults_charges_every_key_exactly_once(
     assert faults["drop"] > 0
     assert faults["error"] > 0
     assert faults["conflict"] > 0
+
+
+def test_a_failing_write_in_a_group_commit_is_undone_alone(tmp_path: Path) -> None:
+    """The writer commits a batch without savepoints; a job that fails sends the batch
+    through again with one savepoint per job: the others land, the failing one alone is
+    undone and reported."""
+    from app.sandbox import ledger_sql as sql
+    from app.sandbox.records import Charge, ChargeParams, NewCharge
+
+    conn = sql.connect(tmp_path / "ledger.sqlite3", writer=True, durable=False)
+    params = ChargeParams(100, "EUR", None)
+
+    def new(key: str, charge_id: str) -> NewCharge:
+        return NewCharge(charge_id, key, "succeeded", params, None, None, None, "t")
+
+    jobs = [
+        lambda c: sql.charge_at_once(new("k1", "ch_1"), c),
+        # Same charge id, new key: the charges table refuses it (UNIQUE id).
+        lambda c: sql.charge_at_once(new("k2", "ch_1"), c),
+        lambda c: sql.charge_at_once(new("k3", "ch_3"), c),
+    ]
+    first, failed, third = sql.run_batch(conn, jobs)
+    assert isinstance(first, Charge)
+    assert isinstance(third, Charge)
+    assert isinstance(failed, sql.Failed)
+    keys = conn.execute("SELECT key, state, charge_id FROM idempotency_keys ORDER BY key")
+    assert keys.fetchall() == [("k1", "completed", "ch_1"), ("k3", "completed", "ch_3")]
+    assert conn.execute("SELECT id FROM charges ORDER BY seq").fetchall() == [("ch_1",), ("ch_3",)]
+    conn.close()
