@@ -2,10 +2,9 @@
 
 For each term the elector publishes, this raises the Postgres fence to the term's token
 before anything else (so no older leader can write from then on) and, in the same
-transaction, puts back in the queue what older leaders left in flight; it runs the
-dispatcher, and
-ends the term when the dispatcher stops making progress: a driver wedged in a clean-up after
-Postgres went away must not hold the lease while nothing is charged.
+transaction, puts back in the queue what older leaders left in flight. Then it runs the
+dispatcher, and ends the term when the dispatcher stops making progress: a driver wedged in
+a clean-up after Postgres went away must not hold the lease while nothing is charged.
 """
 
 from __future__ import annotations
