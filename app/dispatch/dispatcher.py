@@ -131,6 +131,7 @@ class Dispatcher:
         # Monotonic time of the last completed claim round: DispatchLeader ends a term
         # whose dispatcher stops making progress.
         self.last_progress = time.monotonic()
+        self.started = False  # run() began: from then on it closes its own connections
         self.fenced = FencedWriter(
             engine, fence_name=settings.fence_name, token=self.token, on_stale=self._fenced_out
         )
@@ -181,7 +182,7 @@ class Dispatcher:
 
     async def close(self) -> None:
         """Close both connections (``run`` does on its way out; this is for a term that
-        ended before it ran). Idempotent."""
+        ended before ``run`` began). Idempotent."""
         for lane in self._lanes:
             with contextlib.suppress(Exception):
                 await lane.close()
@@ -189,6 +190,9 @@ class Dispatcher:
     async def run(self) -> None:
         """Claim → call → record until asked to stop (DispatchLeader has raised the fence
         and taken back what older leaders left in flight). Stale → StaleLeader."""
+        self.started = True
+        # The stall clock starts with the dispatch, not with the take-over before it.
+        self.last_progress = time.monotonic()
         # Bound before the helpers start: they inherit the context, so their lines carry it.
         structlog.contextvars.bind_contextvars(token=self.token)
         helpers = [
@@ -266,9 +270,14 @@ class Dispatcher:
                         (self.leadership.clock() - self.leadership.elected_at) * 1000,
                         len(batch),
                     )
+                # All of the batch counts as claimed before the first wave: a term that ends
+                # between waves releases the payments it never called on its way out.
+                self._claimed.update(payment.id for payment in batch)
                 for started, payment in enumerate(batch):
                     if started and started % CALL_WAVE == 0:
                         await asyncio.sleep(0)
+                        if self.leadership.stopping.is_set():
+                            break
                     self._start_call(payment)
                 if len(batch) == want:
                     self._claimed_at = -CLAIM_GAP
@@ -288,7 +297,6 @@ class Dispatcher:
                 waiter.cancel()
 
     def _start_call(self, payment: Claimed) -> None:
-        self._claimed.add(payment.id)
         # The call takes itself out of _calls when it ends (no done callback per call: one
         # loop turn less per payment); a task cancelled before it ran stays until _leave.
         self._calls[payment.id] = asyncio.create_task(self._call(payment))

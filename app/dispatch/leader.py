@@ -75,6 +75,7 @@ class DispatchLeader:
         connecting = asyncio.create_task(dispatcher.connect(), name="dispatcher-connect")
         try:
             await self._take_over(term)
+            await connecting  # best effort, normally done by now; never raises but cancelled
             term.ensure_valid()
             term.begin_acting()
             companions = [
@@ -91,8 +92,13 @@ class DispatchLeader:
                 await asyncio.gather(*companions, return_exceptions=True)
         finally:
             connecting.cancel()
-            await asyncio.gather(connecting, return_exceptions=True)
-            await dispatcher.close()
+            try:
+                await asyncio.gather(connecting, return_exceptions=True)
+            finally:
+                # Once run() began it closes its connections itself, after its final writes
+                # (closing them here could cut those writes short).
+                if not dispatcher.started:
+                    await dispatcher.close()
 
     async def _take_over(self, term: Term) -> None:
         """Fence older leaders out before anything else and, in the same transaction, put

@@ -36,6 +36,8 @@ _UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "57P", "53300")
 
 # Seconds a pool gets to close its connections politely before they are cut.
 _CLOSE_WAIT = 2.0
+# Longest a leader checkout's ping may take before the connection counts as broken.
+_PING_BOUND = 0.5
 
 
 class IntegrityViolation(PaydispatchError):
@@ -219,7 +221,10 @@ class Engine:
         """``raw`` if it answers; else a fresh connection, and the pool's other connections
         are replaced on their next use (a restart broke them all)."""
         try:
-            await raw.execute("SELECT 1")
+            # Bounded on its own: a half-open connection (a moved address, a dropped idle
+            # flow) would otherwise hold the checkout for the whole acquire timeout.
+            async with asyncio.timeout(_PING_BOUND):
+                await raw.execute("SELECT 1")
         except BaseException as exc:
             raw.terminate()
             await pool.release(raw)
