@@ -173,7 +173,7 @@ class CrashDetector:
             self.stats.count("key_changed")  # it stepped down or resigned by itself
             return
         # Signal 2, independent of Postgres: does its address refuse connections?
-        if not await _refuses_soon(leader.url, config.connect_timeout):
+        if not await refuses_soon(leader.url, config.connect_timeout):
             self.stats.count("leader_alive")
             log.info(
                 "liveness lock of leader %s (token %s) released, but %s still accepts "
@@ -211,7 +211,7 @@ class CrashDetector:
         )
 
 
-async def _refuses_soon(url: str, timeout: float) -> bool:
+async def refuses_soon(url: str, timeout: float) -> bool:
     """``refuses_connections``, asked again after each of PROBE_AGAIN while it says no."""
     if await refuses_connections(url, timeout):
         return True
