@@ -148,6 +148,7 @@ class Dispatcher:
         self._claim_lane: LeaderLane = lane()
         self._record_lane: LeaderLane = lane()
         self._lanes = (self._claim_lane, self._record_lane)
+        self._connecting: asyncio.Task[None] | None = None
         self._parked_at = time.monotonic() - PARK_INTERVAL + PARK_FIRST  # monotonic
         self._claimed_at = -CLAIM_GAP
         self._outcome_counters: dict[str, Any] = {}  # metric children, one per outcome
@@ -172,17 +173,23 @@ class Dispatcher:
 
     # --- the term -------------------------------------------------------------------------
 
-    async def connect(self) -> None:
-        """Open the claim and record connections ahead of the first statements (best
-        effort: DispatchLeader runs this while it takes over, so that a new leader's first
-        charge waits for no connection set-up it can avoid)."""
-        await asyncio.gather(
-            *(lane.connect(self.settings.db_timeout) for lane in self._lanes),
-        )
+    def start_connecting(self) -> None:
+        """Begin opening the claim and record connections now (best effort), ahead of the
+        first statements: DispatchLeader calls this before its take-over transaction, so a
+        new leader's first charge waits for no connection set-up it can avoid. ``run``
+        waits for it before its first claim; ``close`` stops it."""
+        self._connecting = asyncio.create_task(self._connect_lanes(), name="dispatcher-connect")
+
+    async def _connect_lanes(self) -> None:
+        await asyncio.gather(*(lane.connect(self.settings.db_timeout) for lane in self._lanes))
 
     async def close(self) -> None:
-        """Close both connections (``run`` does on its way out; this is for a term that
-        ended before ``run`` began). Idempotent."""
+        """Stop connecting and close both connections (``run`` does on its way out; this
+        is for a term that ended before ``run`` began). Idempotent."""
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None:
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
         for lane in self._lanes:
             with contextlib.suppress(Exception):
                 await lane.close()
@@ -201,6 +208,8 @@ class Dispatcher:
             asyncio.create_task(self._reconcile_loop(), name="dispatch-reconcile"),
         ]
         try:
+            if self._connecting is not None:
+                await self._connecting  # normally done during the take-over; never raises
             await self._claim_loop(helpers)
             await self._drain_gracefully()
         finally:

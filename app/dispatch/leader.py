@@ -72,10 +72,9 @@ class DispatchLeader:
             settings, self.engine, self.provider, term, self.stats, self.metrics, self.tracing
         )
         # The dispatcher's connections open while the take-over transaction runs.
-        connecting = asyncio.create_task(dispatcher.connect(), name="dispatcher-connect")
+        dispatcher.start_connecting()
         try:
             await self._take_over(term)
-            await connecting  # best effort, normally done by now; never raises but cancelled
             term.ensure_valid()
             term.begin_acting()
             companions = [
@@ -91,14 +90,10 @@ class DispatchLeader:
                     task.cancel()
                 await asyncio.gather(*companions, return_exceptions=True)
         finally:
-            connecting.cancel()
-            try:
-                await asyncio.gather(connecting, return_exceptions=True)
-            finally:
-                # Once run() began it closes its connections itself, after its final writes
-                # (closing them here could cut those writes short).
-                if not dispatcher.started:
-                    await dispatcher.close()
+            # Once run() began it closes its connections itself, after its final writes
+            # (closing them here could cut those writes short).
+            if not dispatcher.started:
+                await dispatcher.close()
 
     async def _take_over(self, term: Term) -> None:
         """Fence older leaders out before anything else and, in the same transaction, put
