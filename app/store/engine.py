@@ -180,8 +180,7 @@ class Engine:
         for the first real use to meet). A new leader's take-over then starts with a ping
         instead of a connection set-up (client and server process start, ~10-30 ms here)."""
         with contextlib.suppress(Exception):
-            async with self.connect() as conn:
-                await conn.execute("SELECT 1")
+            await ping(self)
 
     async def close(self) -> None:
         """Close every connection (bounded: a dead server must not hold shutdown)."""
