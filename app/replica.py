@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from app.dispatch.dispatcher import DispatchStats
-from app.dispatch.leader import DispatchLeader
+from app.dispatch.leader import LEADER_POOL_SIZE, LEADER_WARM_CONNECTIONS, DispatchLeader
 from app.dispatch.provider import ProviderClient
 from app.errors import DatabaseUnavailable
 from app.failover.beacon import LivenessBeacon
@@ -146,8 +146,8 @@ async def _leadership(app: web.Application) -> AsyncIterator[None]:
     )
     # The leader's own pool and HTTP session: ingest load must not starve the dispatcher
     # of connections, nor the other way round.
-    leader_engine = create_engine(settings, pool_size=4, leader=True)
-    await leader_engine.warm()
+    leader_engine = create_engine(settings, pool_size=LEADER_POOL_SIZE, leader=True)
+    await leader_engine.warm(LEADER_WARM_CONNECTIONS)
     http = aiohttp.ClientSession(
         # Keep-alive connections (aiohttp's default), as many as calls may be in flight, so
         # a steady drain never opens a connection per charge.

@@ -37,6 +37,14 @@ LEAVE_BOUND = 10.0
 Companion = Callable[[Term], Coroutine[Any, Any, None]]
 
 
+# The leader's own pool: the take-over transaction, the claim and record lanes (each held for
+# the term), the fenced bookkeeping transactions and the reconciler, and one to spare.
+LEADER_POOL_SIZE = 6
+# Opened at start-up and kept open (the pool never closes idle ones): a new term's take-over
+# and both lanes start on open sessions instead of waiting for connection set-ups.
+LEADER_WARM_CONNECTIONS = 3
+
+
 def stall_limit(settings: Settings) -> float:
     """Seconds without a completed dispatcher round after which the term is given up:
     longer than the slowest round of bounded calls (claim, call, record) could take."""

@@ -19,9 +19,17 @@ from app.stack.child import ChildProcess
 #   every payment carries its Idempotency-Key: a replay of an insert that did land returns
 #   the same payment. L7 retries need the whole request in haproxy's buffer first
 #   (http-buffer-request; bodies are ≤ 16 KiB, within tune.bufsize).
-# - timeout server 2s: ingest answers in milliseconds; a paused (SIGSTOPped) replica accepts
-#   connections and answers nothing, so this is how long a request waits before going
-#   elsewhere. timeout connect 500ms: a refused connection fails at once anyway.
+# - balance leastconn: each request goes to the replica with the fewest requests under way.
+#   A paused (SIGSTOPped) replica accepts connections and answers nothing, so its first
+#   stuck request is enough to turn new ones away from it (round-robin sent it every third
+#   request until the timeout below: ~130 requests waited 2 s at 200/s, now about one does).
+#   Likewise a replica busy catching up (a new leader) or starting gets less.
+# - timeout server 2s: ingest answers in milliseconds; this is how long a request waits on
+#   a hung replica before going elsewhere. With leastconn only about one request per pause
+#   waits it out (1 s measured no better here: the new leader's catch-up burst after the
+#   pause, not this wait, sets the p99 of a pause window), and a healthy replica slowed by
+#   a burst of CPU on a small box is not given up on too soon.
+#   timeout connect 500ms: a refused connection fails at once anyway.
 # - checks every 250 ms on /readyz, which fails from the first instant of a shutdown; a
 #   connection error, a timeout or a 5xx on live traffic marks the server down at once
 #   (observe layer7), two good checks bring it back. Three failed checks (1 s each) are
@@ -40,7 +48,7 @@ DEFAULTS = """\
     option http-buffer-request"""
 
 BACKEND = (
-    "    balance roundrobin\n"
+    "    balance leastconn\n"
     "    option httpchk GET /readyz\n"
     "    http-check expect status 200\n"
     "    option allbackups\n"
@@ -80,7 +88,7 @@ def haproxy_binary() -> str | None:
 
 @dataclass
 class HaproxyProcess(ChildProcess):
-    """Round-robin over the replicas, health-checked on /readyz."""
+    """Least-outstanding-requests over the replicas, health-checked on /readyz."""
 
     base_dir: Path
     backends: list[tuple[str, int]]  # (name, port)

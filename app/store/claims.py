@@ -22,21 +22,21 @@ never takes an expired key anyway, so parking them is bookkeeping that runs ever
 seconds (``app.store.payments.park_expired``), not once per claim.
 
 Each lane is one connection used by one task at a time (the claim loop has one, the recorder
-another): no pool, so no reset query per checkout either.
+another), checked out of the leader's pool for the whole term — no reset query per statement —
+and given back at its end: the next term on this replica starts on an open session whose
+statements are already prepared (a connection set-up costs 40-60 ms here during a failover).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
-
-import asyncpg
 
 from app.domain.payment import Claimed, Outcome
 from app.errors import LeadershipLost, StaleLeader
-from app.store.engine import driver_dsn, translate
+from app.store.engine import Engine, translate
 
 _CLAIM = """
 WITH batch AS (
@@ -102,25 +102,22 @@ FROM (SELECT paydispatch_assert_fence($1::text, $2::bigint)) AS fence(token)
 class LeaderLane:
     """One connection of a leader term, for one task's statements (claim or record).
 
-    Connects lazily; after any failure the connection is dropped and the next call opens a
-    new one (a Postgres restart, a timeout that left a statement running). Errors come out
+    Takes its connection from the leader's pool on first use; after any failure the
+    connection is closed and the next call takes another (a Postgres restart, a timeout that
+    left a statement running). Errors come out
     typed, as from ``FencedWriter.transaction``: StaleLeader (``on_stale`` is told first),
     DatabaseUnavailable, TimeoutError; anything unclassified passes unchanged.
     """
 
     def __init__(
         self,
-        database_url: str,
+        engine: Engine,
         *,
         fence_name: str,
         token: int,
-        server_settings: Mapping[str, str],
-        connect_timeout: float,
         on_stale: Callable[[StaleLeader], None] | None = None,
     ) -> None:
-        self._dsn = driver_dsn(database_url)
-        self._server_settings = dict(server_settings)
-        self._connect_timeout = connect_timeout
+        self._engine = engine
         self.fence_name = fence_name
         self.token = token
         self.on_stale = on_stale
@@ -176,19 +173,13 @@ class LeaderLane:
             [o.http_status for o in outcomes],
         )
 
-    async def connect(self, timeout: float) -> None:
-        """Open the connection ahead of the first statement. Best effort: a failure here is
-        left for the first statement to meet (and report) again."""
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(timeout):
-                await self._connection()
-
     async def close(self) -> None:
-        """Close the connection (bounded: a dead server must not hold the term's exit)."""
+        """Give the connection back to the leader's pool for the next term (bounded: a dead
+        server must not hold the term's exit)."""
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
-                await asyncio.wait_for(conn.close(), 1.0)
+                await self._engine.checkin(conn)
             except BaseException:
                 conn.terminate()
                 raise
@@ -219,11 +210,7 @@ class LeaderLane:
         # One connect at a time: the eager connect() and a first statement may overlap.
         async with self._connecting:
             if self._conn is None or self._conn.is_closed():
-                self._conn = await asyncpg.connect(
-                    self._dsn,
-                    timeout=self._connect_timeout,
-                    server_settings=self._server_settings,
-                )
+                self._conn = await self._engine.checkout()
             return self._conn
 
     def _drop(self) -> None:

@@ -237,7 +237,7 @@ def test_haproxy_fronts_the_replicas_with_the_repository_config(services: Servic
         assert haproxy["depends_on"][name]["condition"] == "service_healthy"
 
     config = compose_model()["configs"]["haproxy.cfg"]["content"]
-    assert "balance roundrobin" in config
+    assert "balance leastconn" in config
     assert "option httpchk GET /readyz" in config
     # The availability settings are the local stack's, line for line.
     lines = {line.strip() for line in config.splitlines()}

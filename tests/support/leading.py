@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from app.dispatch.dispatcher import DispatchStats
-from app.dispatch.leader import DispatchLeader
+from app.dispatch.leader import LEADER_POOL_SIZE, DispatchLeader
 from app.dispatch.provider import ProviderClient
 from app.leadership.term import Term
 from app.obs.metrics import Metrics
@@ -58,7 +58,7 @@ class Leading:
 @contextlib.asynccontextmanager
 async def leading(settings: Settings, token: int) -> AsyncIterator[Leading]:
     """Lead with fencing token ``token`` until the block ends."""
-    engine = create_engine(settings, pool_size=4, leader=True)
+    engine = create_engine(settings, pool_size=LEADER_POOL_SIZE, leader=True)
     async with aiohttp.ClientSession() as http:
         stats = DispatchStats()
         leader = DispatchLeader(
