@@ -22,7 +22,7 @@ from app.dispatch.provider import ProviderClient
 from app.leadership.term import Term
 from app.obs.metrics import Metrics
 from app.settings import Settings
-from app.store.engine import create_engine
+from app.store.engine import Engine, create_engine
 
 
 class FreshLease:
@@ -56,9 +56,14 @@ class Leading:
 
 
 @contextlib.asynccontextmanager
-async def leading(settings: Settings, token: int) -> AsyncIterator[Leading]:
-    """Lead with fencing token ``token`` until the block ends."""
-    engine = create_engine(settings, pool_size=LEADER_POOL_SIZE, leader=True)
+async def leading(
+    settings: Settings, token: int, engine: Engine | None = None
+) -> AsyncIterator[Leading]:
+    """Lead with fencing token ``token`` until the block ends, on ``engine`` (a replica's
+    leader pool, kept open for the caller's next term) or on a pool of this term's own."""
+    own_engine = engine is None
+    if engine is None:
+        engine = create_engine(settings, pool_size=LEADER_POOL_SIZE, leader=True)
     async with aiohttp.ClientSession() as http:
         stats = DispatchStats()
         leader = DispatchLeader(
@@ -79,4 +84,5 @@ async def leading(settings: Settings, token: int) -> AsyncIterator[Leading]:
             yield running
         finally:
             await running.stop()
-            await engine.close()
+            if own_engine:
+                await engine.close()
