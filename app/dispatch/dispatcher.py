@@ -166,6 +166,7 @@ class Dispatcher:
         self._outage_since: float | None = None  # monotonic start of a Postgres outage
         self._claim_unsure = False  # a claim failed: it may have committed unseen
         self._first_claimed = False
+        self._first_recorded = False
         self._untracked_checked = time.monotonic()
         self._sweep_after = 0  # where the next reconcile pass resumes
 
@@ -600,6 +601,15 @@ class Dispatcher:
             self._claimed.discard(outcome.payment_id)
             self._count(outcome)
         self._wake.set()  # room for more claims
+        if not self._first_recorded:
+            self._first_recorded = True
+            # With the first-claim line: where a handover's or failover's time went.
+            log.info(
+                "token %s: first outcomes recorded %.0f ms after election (%d)",
+                self.token,
+                (self.leadership.clock() - self.leadership.elected_at) * 1000,
+                len(batch),
+            )
 
     def _count(self, outcome: Outcome) -> None:
         counter = self._outcome_counters.get(outcome.attempt_outcome)
