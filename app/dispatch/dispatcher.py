@@ -45,8 +45,8 @@ from app.obs.metrics import Metrics
 from app.obs.tracing import AttemptTrace, Tracing
 from app.settings import Settings
 from app.store import payments
-from app.store.claims import LeaderLane
-from app.store.engine import Engine, translate
+from app.store.claims import LeaderLane, claim_in
+from app.store.engine import Connection, Engine, translate
 from app.store.fence import FencedWriter
 from app.store.listen import listen_forever
 
@@ -167,10 +167,35 @@ class Dispatcher:
         self._claim_unsure = False  # a claim failed: it may have committed unseen
         self._first_claimed = False
         self._first_recorded = False
+        self._first: list[Claimed] = []  # claimed in the take-over transaction (claim_first)
         self._untracked_checked = time.monotonic()
         self._sweep_after = 0  # where the next reconcile pass resumes
 
     # --- the term -------------------------------------------------------------------------
+
+    async def claim_first(self, conn: Connection) -> None:
+        """Claim the term's first batch on ``conn``, inside the take-over transaction after
+        the fence raise and the recovery (those re-queued payments are due at once): ``run``
+        calls the provider for it the moment it starts, with no claim round trip in between.
+        If that transaction does not commit, ``forget_first`` must follow."""
+        limit = min(self.settings.dispatch_batch_size, self.settings.dispatch_concurrency)
+        self._first = await claim_in(
+            conn,
+            fence_name=self.settings.fence_name,
+            token=self.token,
+            limit=limit,
+            horizon=self.retry.horizon.total_seconds(),
+        )
+        # As after any claim: a full batch means more may wait (claim again at once).
+        self._claimed_at = -CLAIM_GAP if len(self._first) == limit else time.monotonic()
+
+    def forget_first(self) -> None:
+        """The take-over transaction failed: the first batch is not ours to call. Its commit
+        may have happened unseen, so the first claim round also re-queues what is in flight
+        under our token without a call of ours (as after any claim whose answer was lost)."""
+        self._first = []
+        self._claim_unsure = True
+        self._claimed_at = -CLAIM_GAP
 
     def start_connecting(self) -> None:
         """Begin readying the claim and record lanes now (best effort): each takes its
@@ -217,6 +242,10 @@ class Dispatcher:
             asyncio.create_task(self._reconcile_loop(), name="dispatch-reconcile"),
         ]
         try:
+            first, self._first = self._first, []
+            if first:
+                self._counted(first)
+                await self._start_batch(first)
             if self._connecting is not None:
                 await self._connecting  # normally done during the take-over; never raises
             await self._claim_loop(helpers)
@@ -278,25 +307,7 @@ class Dispatcher:
                     await asyncio.sleep(OUTAGE_RETRY)
                     continue
                 self._back()
-                self.last_progress = time.monotonic()
-                if not self._first_claimed:
-                    self._first_claimed = True
-                    # How long a handover or failover kept charging stopped on our side.
-                    log.info(
-                        "token %s: first claim %.0f ms after election (%d due)",
-                        self.token,
-                        (self.leadership.clock() - self.leadership.elected_at) * 1000,
-                        len(batch),
-                    )
-                # All of the batch counts as claimed before the first wave: a term that ends
-                # between waves releases the payments it never called on its way out.
-                self._claimed.update(payment.id for payment in batch)
-                for started, payment in enumerate(batch):
-                    if started and started % CALL_WAVE == 0:
-                        await asyncio.sleep(0)
-                        if self.leadership.stopping.is_set():
-                            break
-                    self._start_call(payment)
+                await self._start_batch(batch)
                 if len(batch) == want:
                     self._claimed_at = -CLAIM_GAP
                     continue  # more may be waiting: claim again without sleeping
@@ -313,6 +324,28 @@ class Dispatcher:
             )
             for waiter in waiters:
                 waiter.cancel()
+
+    async def _start_batch(self, batch: list[Claimed]) -> None:
+        """Call the provider for a claimed batch, a wave at a time."""
+        self.last_progress = time.monotonic()
+        if not self._first_claimed:
+            self._first_claimed = True
+            # How long a handover or failover kept charging stopped on our side.
+            log.info(
+                "token %s: first claim %.0f ms after election (%d due)",
+                self.token,
+                (self.leadership.clock() - self.leadership.elected_at) * 1000,
+                len(batch),
+            )
+        # All of the batch counts as claimed before the first wave: a term that ends
+        # between waves releases the payments it never called on its way out.
+        self._claimed.update(payment.id for payment in batch)
+        for started, payment in enumerate(batch):
+            if started and started % CALL_WAVE == 0:
+                await asyncio.sleep(0)
+                if self.leadership.stopping.is_set():
+                    break
+            self._start_call(payment)
 
     def _start_call(self, payment: Claimed) -> None:
         # The call takes itself out of _calls when it ends (no done callback per call: one
@@ -369,11 +402,14 @@ class Dispatcher:
         self._parked(parked)
         timeout = self.leadership.call_timeout(self.settings.db_timeout)
         claimed = await self._claim_lane.claim(limit=limit, horizon=horizon, timeout=timeout)
+        self._counted(claimed)
+        return claimed
+
+    def _counted(self, claimed: list[Claimed]) -> None:
         if claimed:
             self.stats.claimed += len(claimed)
             self.stats.batches += 1
             self.metrics.batch_sizes.observe(len(claimed))
-        return claimed
 
     def _parked(self, parked: list[int]) -> None:
         if parked:

@@ -82,7 +82,7 @@ class DispatchLeader:
         # The dispatcher's connections open while the take-over transaction runs.
         dispatcher.start_connecting()
         try:
-            await self._take_over(term)
+            await self._take_over(term, dispatcher)
             term.ensure_valid()
             term.begin_acting()
             companions = [
@@ -103,10 +103,11 @@ class DispatchLeader:
             if not dispatcher.started:
                 await dispatcher.close()
 
-    async def _take_over(self, term: Term) -> None:
+    async def _take_over(self, term: Term, dispatcher: Dispatcher) -> None:
         """Fence older leaders out before anything else and, in the same transaction, put
-        back in the queue whatever they left in flight (re-sent later under the same
-        provider keys). While Postgres does not answer, keep the lease and retry (a restart
+        back in the queue whatever they left in flight (re-sent under the same provider
+        keys) and claim the dispatcher's first batch, so charging resumes the moment it
+        commits. While Postgres does not answer, keep the lease and retry (a restart
         is over in seconds; churning through terms would not bring it back sooner), but only
         for the stall limit: a leader cut off from Postgres must let a replica that can
         reach it lead."""
@@ -125,6 +126,7 @@ class DispatchLeader:
                     recovered = await payments.recover(
                         conn, token=term.token, node=settings.node_id
                     )
+                    await dispatcher.claim_first(conn)
                 if recovered:
                     self.stats.recovered += len(recovered)
                     log.info(
@@ -134,6 +136,7 @@ class DispatchLeader:
                     )
                 return
             except (DatabaseUnavailable, TimeoutError) as exc:
+                dispatcher.forget_first()  # the transaction may or may not have committed
                 if time.monotonic() >= give_up:
                     raise DatabaseUnavailable(
                         f"could not raise the fence to token {term.token} within "

@@ -36,7 +36,7 @@ from typing import Any
 
 from app.domain.payment import Claimed, Outcome
 from app.errors import LeadershipLost, StaleLeader
-from app.store.engine import Engine, translate
+from app.store.engine import Connection, Engine, translate
 
 _CLAIM = """
 WITH batch AS (
@@ -104,9 +104,9 @@ class LeaderLane:
 
     Takes its connection from the leader's pool on first use; after any failure the
     connection is closed and the next call takes another (a Postgres restart, a timeout that
-    left a statement running). Errors come out
-    typed, as from ``FencedWriter.transaction``: StaleLeader (``on_stale`` is told first),
-    DatabaseUnavailable, TimeoutError; anything unclassified passes unchanged.
+    left a statement running). Errors come out typed, as from ``FencedWriter.transaction``:
+    StaleLeader (``on_stale`` is told first), DatabaseUnavailable, TimeoutError; anything
+    unclassified passes unchanged.
     """
 
     def __init__(
@@ -122,7 +122,9 @@ class LeaderLane:
         self.token = token
         self.on_stale = on_stale
         self._conn: Any = None  # asyncpg.Connection (asyncpg ships no type information)
-        self._connecting = asyncio.Lock()
+        # One statement at a time on the connection: a lane's warm-up may still run when its
+        # task's first statement comes (asyncpg refuses a second operation meanwhile).
+        self._busy = asyncio.Lock()
 
     async def claim(self, *, limit: int, horizon: float, timeout: float) -> list[Claimed]:
         """Stamp up to ``limit`` due pending payments in_flight under our token (oldest due
@@ -131,22 +133,7 @@ class LeaderLane:
         rows = await self._fetch(
             timeout, _CLAIM, self.fence_name, self.token, limit, float(horizon)
         )
-        return [
-            Claimed(
-                id=row[0],
-                idempotency_key=row[1],
-                provider_key=row[2],
-                provider_key_issued_at=row[3],
-                amount=row[4],
-                currency=row[5],
-                reference=row[6],
-                attempts=row[7],
-                created_at=row[8],
-                trace_parent=row[9],
-            )
-            for row in rows
-            if row[0] is not None  # the fence row alone: nothing was due
-        ]
+        return _claimed(rows)
 
     async def record(self, *, node: str, outcomes: Sequence[Outcome], timeout: float) -> None:
         """Record a batch of call outcomes and one attempt row each, in one statement.
@@ -185,16 +172,20 @@ class LeaderLane:
                 raise
 
     async def _fetch(self, timeout: float, query: str, *args: object) -> list[Any]:
+        # The timeout covers the wait for the lane too; a wait that ends there leaves the
+        # connection alone (the statement under way is another call's).
+        async with asyncio.timeout(timeout), self._busy:
+            return await self._run(query, *args)
+
+    async def _run(self, query: str, *args: object) -> list[Any]:
         try:
-            async with asyncio.timeout(timeout):
-                conn = await self._connection()
-                rows: list[Any] = await conn.fetch(query, *args)
-                return rows
-        except (LeadershipLost, asyncio.CancelledError):
+            conn = await self._connection()
+            rows: list[Any] = await conn.fetch(query, *args)
+            return rows
+        except (LeadershipLost, asyncio.CancelledError, TimeoutError):
+            # Cancelled or timed out (the statement may still run), or the term is over:
+            # never reuse the connection.
             self._drop()
-            raise
-        except TimeoutError:
-            self._drop()  # the statement may still run: never reuse the connection
             raise
         except Exception as exc:
             typed = translate(exc)
@@ -207,14 +198,40 @@ class LeaderLane:
             raise typed from exc
 
     async def _connection(self) -> Any:
-        # One connect at a time: the eager connect() and a first statement may overlap.
-        async with self._connecting:
-            if self._conn is None or self._conn.is_closed():
-                self._conn = await self._engine.checkout()
-            return self._conn
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await self._engine.checkout()
+        return self._conn
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.terminate()
+
+
+async def claim_in(
+    conn: Connection, *, fence_name: str, token: int, limit: int, horizon: float
+) -> list[Claimed]:
+    """The lane's claim, on ``conn`` inside the caller's transaction: a new leader claims its
+    first batch in its take-over transaction, so its first calls start the moment that
+    commits (no claim round trip after it). The fence must already be ours there."""
+    return _claimed(await conn.fetch(_CLAIM, fence_name, token, limit, float(horizon)))
+
+
+def _claimed(rows: Sequence[Any]) -> list[Claimed]:
+    return [
+        Claimed(
+            id=row[0],
+            idempotency_key=row[1],
+            provider_key=row[2],
+            provider_key_issued_at=row[3],
+            amount=row[4],
+            currency=row[5],
+            reference=row[6],
+            attempts=row[7],
+            created_at=row[8],
+            trace_parent=row[9],
+        )
+        for row in rows
+        if row[0] is not None  # the fence row alone: nothing was due
+    ]
