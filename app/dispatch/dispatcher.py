@@ -334,7 +334,7 @@ class Dispatcher:
             log.info(
                 "token %s: first claim %.0f ms after election (%d due)",
                 self.token,
-                (self.leadership.clock() - self.leadership.elected_at) * 1000,
+                self._ms_since_election(),
                 len(batch),
             )
         # All of the batch counts as claimed before the first wave: a term that ends
@@ -643,9 +643,12 @@ class Dispatcher:
             log.info(
                 "token %s: first outcomes recorded %.0f ms after election (%d)",
                 self.token,
-                (self.leadership.clock() - self.leadership.elected_at) * 1000,
+                self._ms_since_election(),
                 len(batch),
             )
+
+    def _ms_since_election(self) -> float:
+        return (self.leadership.clock() - self.leadership.elected_at) * 1000
 
     def _count(self, outcome: Outcome) -> None:
         counter = self._outcome_counters.get(outcome.attempt_outcome)
