@@ -218,15 +218,27 @@ class Dispatcher:
         )
 
     async def close(self) -> None:
-        """Stop connecting and close both connections (``run`` does on its way out; this
-        is for a term that ended before ``run`` began). Idempotent."""
-        connecting, self._connecting = self._connecting, None
-        if connecting is not None:
-            connecting.cancel()
-            await asyncio.gather(connecting, return_exceptions=True)
-        for lane in self._lanes:
-            with contextlib.suppress(Exception):
-                await lane.close()
+        """Stop readying the lanes, put back a first batch that was never called, and give
+        both connections back (``run`` does on its way out; this is for a term that ended
+        between its take-over and ``run``). Idempotent. Cancelled meanwhile, it still
+        holds no connection when it ends."""
+        try:
+            connecting, self._connecting = self._connecting, None
+            if connecting is not None:
+                connecting.cancel()
+                await asyncio.gather(connecting, return_exceptions=True)
+            first, self._first = self._first, []
+            if first:
+                # Claimed under our token in the take-over, never sent: back to the queue
+                # now rather than at the next leader's recovery (fenced, like any release).
+                self._claimed.update(payment.id for payment in first)
+                await self._final_writes()
+            for lane in self._lanes:
+                with contextlib.suppress(Exception):
+                    await lane.close()
+        finally:
+            for lane in self._lanes:
+                lane.abort()
 
     async def run(self) -> None:
         """Claim → call → record until asked to stop (DispatchLeader has raised the fence
@@ -341,8 +353,11 @@ class Dispatcher:
         # between waves releases the payments it never called on its way out.
         self._claimed.update(payment.id for payment in batch)
         for started, payment in enumerate(batch):
-            if started and started % CALL_WAVE == 0:
-                await asyncio.sleep(0)
+            if started % CALL_WAVE == 0:
+                if started:
+                    await asyncio.sleep(0)
+                # A term handed over meanwhile starts no more calls (the first batch may
+                # reach here after a resign).
                 if self.leadership.stopping.is_set():
                     break
             self._start_call(payment)

@@ -30,13 +30,12 @@ statements are already prepared (a connection set-up costs 40-60 ms here during 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from app.domain.payment import Claimed, Outcome
 from app.errors import LeadershipLost, StaleLeader
-from app.store.engine import Connection, Engine, translate
+from app.store.engine import Connection, Engine, discard, is_open, translate
 
 _CLAIM = """
 WITH batch AS (
@@ -168,8 +167,13 @@ class LeaderLane:
             try:
                 await self._engine.checkin(conn)
             except BaseException:
-                conn.terminate()
+                discard(conn)
                 raise
+
+    def abort(self) -> None:
+        """Close the connection now, without waiting (a cancelled close must not keep a
+        place in the pool: six are all a leader has)."""
+        self._drop()
 
     async def _fetch(self, timeout: float, query: str, *args: object) -> list[Any]:
         # The timeout covers the wait for the lane too; a wait that ends there leaves the
@@ -198,15 +202,15 @@ class LeaderLane:
             raise typed from exc
 
     async def _connection(self) -> Any:
-        if self._conn is None or self._conn.is_closed():
+        if self._conn is None or not is_open(self._conn):
+            self._drop()  # ended by Postgres (a restart, an operator): take another
             self._conn = await self._engine.checkout()
         return self._conn
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.terminate()
+            discard(conn)
 
 
 async def claim_in(

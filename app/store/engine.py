@@ -202,13 +202,13 @@ class Engine:
         """Give back a connection from ``checkout``, idle (no statement under way), for the
         next term; it is closed instead when it cannot go back cleanly (bounded)."""
         pool = self._pool
-        if pool is None or raw.is_closed():
-            raw.terminate()
+        if pool is None or not is_open(raw):
+            discard(raw)
             return
         try:
             await asyncio.wait_for(pool.release(raw), _CLOSE_WAIT)
         except Exception:
-            raw.terminate()
+            discard(raw)
 
     async def close(self) -> None:
         """Close every connection (bounded: a dead server must not hold shutdown)."""
@@ -260,6 +260,23 @@ class Engine:
             await pool.expire_connections()
             return await pool.acquire()
         return raw
+
+
+def is_open(raw: Any) -> bool:
+    """Whether a connection from ``Engine.checkout`` can still run a statement. When Postgres
+    ends a pooled session, asyncpg gives its place in the pool back at once and the handle
+    we hold raises on every call, ``is_closed()`` included: that counts as closed."""
+    try:
+        return not raw.is_closed()
+    except asyncpg.InterfaceError:
+        return False
+
+
+def discard(raw: Any) -> None:
+    """Close a connection from ``Engine.checkout`` without waiting (its place in the pool is
+    freed); one Postgres already ended is left as it is."""
+    with contextlib.suppress(Exception):
+        raw.terminate()
 
 
 def create_engine(

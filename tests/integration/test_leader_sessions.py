@@ -4,17 +4,25 @@ provider, the real fence; the test plays the elector (tests/support/leading.py).
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
 
+import aiohttp
 import asyncpg
 import pytest
 
+from app.dispatch.dispatcher import Dispatcher, DispatchStats
 from app.dispatch.leader import LEADER_POOL_SIZE, LEADER_WARM_CONNECTIONS
+from app.dispatch.provider import ProviderClient
+from app.obs.metrics import Metrics
 from app.settings import Settings
 from app.store.engine import Engine, create_engine
-from tests.integration.test_hostile_provider import dispatch_settings, enqueue, settle
+from app.store.fence import raised_fence
+from tests.integration.test_hostile_provider import dispatch_settings, enqueue, rows, settle
 from tests.support.hostile import HostileProvider, first_attempt, hostile_provider
-from tests.support.leading import leading
+from tests.support.leading import fresh_term, leading
 
 
 @pytest.fixture
@@ -83,22 +91,71 @@ async def test_successive_terms_on_one_replica_run_on_the_sessions_it_opened_at_
     assert {row["fence_token"] for row in second} == {2}
 
 
-async def test_a_term_whose_sessions_postgres_ends_goes_on_with_new_ones_and_charges_once(
-    db: asyncpg.Connection, provider: HostileProvider, settings_: Settings, engine: Engine
+async def test_a_term_whose_idle_sessions_postgres_ends_takes_new_ones_without_an_outage(
+    db: asyncpg.Connection,
+    provider: HostileProvider,
+    settings_: Settings,
+    engine: Engine,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    await enqueue(settings_, ["before-1", "before-2"])
-    async with leading(settings_, token=1, engine=engine) as term:
+    # Woken by NOTIFY only (no 50 ms poll), so no claim is under way when the sessions end.
+    settings = settings_.model_copy(update={"dispatch_poll_interval": 30.0})
+    await enqueue(settings, ["before-1", "before-2"])
+    async with leading(settings, token=1, engine=engine) as term:
         before = await settle(db, ["before-1", "before-2"])
-        ended = await leader_sessions(db, settings_)
+        ended = await leader_sessions(db, settings)
         # An operator (or a failover of the database) ends every session the leader holds,
-        # including the two its lanes are using for this term.
+        # including the two its lanes hold for this term, while they are idle.
         await db.execute(
             "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid", list(ended)
         )
-        await enqueue(settings_, ["after-1", "after-2", "after-3"])
-        after = await settle(db, ["after-1", "after-2", "after-3"])
+        await until_gone(db, ended)
+        with caplog.at_level(logging.WARNING, logger="app.dispatch.dispatcher"):
+            await enqueue(settings, ["after-1", "after-2", "after-3"])
+            after = await settle(db, ["after-1", "after-2", "after-3"])
         assert not term.task.done(), "the term ended over sessions it could replace"
 
     assert_charged_once(provider, before + after)
     assert {row["fence_token"] for row in after} == {1}
-    assert not ended & await leader_sessions(db, settings_), "an ended session is still held"
+    assert not ended & await leader_sessions(db, settings), "an ended session is still held"
+    # A session known to be closed is replaced before use: no statement met it, so the
+    # dispatcher saw no outage (and waited no retry interval).
+    assert "Postgres unavailable" not in caplog.text
+
+
+async def until_gone(db: asyncpg.Connection, pids: set[int], within: float = 5.0) -> None:
+    """Wait until none of ``pids`` is a live session any more."""
+    deadline = time.monotonic() + within
+    while await db.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1::int[])", list(pids)
+    ):
+        assert time.monotonic() < deadline, f"sessions {pids} still there after {within}s"
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)  # and the leader's side has read the end of its sockets
+
+
+async def test_a_first_batch_claimed_at_take_over_but_never_called_goes_back_to_the_queue(
+    db: asyncpg.Connection, provider: HostileProvider, settings_: Settings, engine: Engine
+) -> None:
+    # The term ends after its take-over transaction committed (with the first batch in it)
+    # and before the dispatcher ran: lease lost, resigned, or cancelled in between.
+    await enqueue(settings_, ["unsent-1", "unsent-2"])
+    term, _ = fresh_term(settings_, token=3)
+    async with aiohttp.ClientSession() as http:
+        provider_client = ProviderClient(settings_.provider_url, http)
+        dispatcher = Dispatcher(
+            settings_, engine, provider_client, term, DispatchStats(), Metrics()
+        )
+        async with raised_fence(
+            engine, name=settings_.fence_name, token=3, holder=settings_.node_id, timeout=5
+        ) as conn:
+            await dispatcher.claim_first(conn)
+        claimed = await rows(db, ["unsent-1", "unsent-2"])
+        assert [row["status"] for row in claimed] == ["in_flight", "in_flight"]
+
+        await dispatcher.close()
+
+    after = await rows(db, ["unsent-1", "unsent-2"])
+    assert [row["status"] for row in after] == ["pending", "pending"]
+    assert {row["fence_token"] for row in after} == {3}
+    assert provider.charges == [], "a payment of a term that never ran was sent"

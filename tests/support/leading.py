@@ -55,6 +55,22 @@ class Leading:
         await asyncio.gather(self.task, return_exceptions=True)
 
 
+def fresh_term(settings: Settings, token: int) -> tuple[Term, FreshLease]:
+    """A term with fencing token ``token`` on a lease that stays fresh until the test says
+    it is lost (``lease.lost_reason``)."""
+    lease = FreshLease()
+    term = Term(
+        token=token,
+        key=f"test/{token}",
+        lease_id=token,
+        node_id=settings.node_id,
+        lease=lease,
+        ttl=settings.lease_ttl,
+        margin=settings.lease_safety_margin,
+    )
+    return term, lease
+
+
 @contextlib.asynccontextmanager
 async def leading(
     settings: Settings, token: int, engine: Engine | None = None
@@ -69,16 +85,7 @@ async def leading(
         leader = DispatchLeader(
             settings, engine, ProviderClient(settings.provider_url, http), stats, Metrics()
         )
-        lease = FreshLease()
-        term = Term(
-            token=token,
-            key=f"test/{token}",
-            lease_id=token,
-            node_id=settings.node_id,
-            lease=lease,
-            ttl=settings.lease_ttl,
-            margin=settings.lease_safety_margin,
-        )
+        term, lease = fresh_term(settings, token)
         running = Leading(term, asyncio.create_task(leader(term)), lease, stats)
         try:
             yield running
