@@ -155,7 +155,7 @@ class Engine:
         try:
             yield Connection(raw)
         except BaseException as exc:
-            raw.terminate()
+            discard(raw)
             if is_unavailable(exc):
                 await pool.expire_connections()
             raise
@@ -253,7 +253,7 @@ class Engine:
             async with asyncio.timeout(_PING_BOUND):
                 await raw.execute("SELECT 1")
         except BaseException as exc:
-            raw.terminate()
+            discard(raw)
             await pool.release(raw)
             if not isinstance(exc, Exception):
                 raise  # cancelled (a deadline): not the connection's fault
@@ -273,8 +273,10 @@ def is_open(raw: Any) -> bool:
 
 
 def discard(raw: Any) -> None:
-    """Close a connection from ``Engine.checkout`` without waiting (its place in the pool is
-    freed); one Postgres already ended is left as it is."""
+    """Close a pooled connection without waiting (its place in the pool is freed). One
+    Postgres already ended is left as it is: asyncpg has freed its place and the handle
+    raises on every call, ``terminate()`` included, which must not replace the error that
+    brought us here."""
     with contextlib.suppress(Exception):
         raw.terminate()
 

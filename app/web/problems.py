@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from app.errors import DatabaseUnavailable
+from app.errors import DatabaseUnavailable, StaleLeader
 from app.store.engine import translate
 from app.web.schemas import FieldError, Problem, body_text
 from app.web.validation import InvalidRequest
@@ -23,6 +23,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 DATABASE_UNAVAILABLE_DETAIL = (
     "Postgres is unavailable; nothing was stored. Retry the same request (same "
     "Idempotency-Key) after Retry-After seconds"
+)
+LEADER_CHANGED_DETAIL = (
+    "a new leader took over while this was being written, and the database refused the write "
+    "as a whole: nothing was changed. Read the payment again and decide again"
 )
 
 
@@ -86,10 +90,15 @@ def problem_middleware(retry_after: int) -> Middleware:
             log.warning("answering 503: %s", exc)
             return unavailable(retry_after, DATABASE_UNAVAILABLE_DETAIL)
         except Exception as exc:
-            typed = translate(exc)
+            typed = exc if isinstance(exc, StaleLeader) else translate(exc)
             if isinstance(typed, DatabaseUnavailable):
                 log.warning("answering 503: %s", typed)
                 return unavailable(retry_after, DATABASE_UNAVAILABLE_DETAIL)
+            if isinstance(typed, StaleLeader):
+                # An operator's write carries the fence's token as it read it; a new leader
+                # raising the fence before the write landed refuses it as a whole.
+                log.warning("answering 409: %s", typed)
+                return problem(409, "Leadership changed meanwhile", LEADER_CHANGED_DETAIL)
             log.exception("unhandled error on %s %s", request.method, request.path)
             return problem(500, "Internal server error", "the error was logged on the server")
 

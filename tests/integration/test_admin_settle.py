@@ -4,6 +4,7 @@ and not a guess recorded as a success."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
@@ -133,3 +134,52 @@ async def test_a_ledger_that_proves_the_outcome_settles_the_payment(
     assert got == 200, body
     assert body == {"id": payment_id, "status": status, "provider_charge_id": "ch_settle_1"}
     assert await db.fetchval("SELECT status FROM payments WHERE id = $1", payment_id) == status
+
+
+async def retry(url: str, payment_id: int) -> tuple[int, dict[str, object]]:
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as http,
+        http.post(f"{url}/v1/admin/payments/{payment_id}/retry") as resp,
+    ):
+        return resp.status, await resp.json(content_type=None)
+
+
+async def test_an_operator_write_that_a_new_leader_fences_out_is_a_409_and_changes_nothing(
+    admin_url: str, db: asyncpg.Connection, database_url: str
+) -> None:
+    # Found by the dispatch state machine: an operator's retry reads the fence's token, and a
+    # leader raising the fence before the write lands made Postgres refuse it (PDF01): a 500.
+    payment_id = await waiting_payment(db)
+    before = await db.fetchrow("SELECT * FROM payments WHERE id = $1", payment_id)
+    racing_leader = await asyncpg.connect(database_url)
+    try:
+        token = await racing_leader.fetchval("SELECT max(token) FROM leader_fence") + 1
+        async with racing_leader.transaction():
+            # The new leader's fence raise holds the fence row until it commits; the
+            # operator's write read the old token and waits for that row in its trigger.
+            await racing_leader.execute(
+                "SELECT paydispatch_raise_fence('payments', $1, 'racing-leader')", token
+            )
+            answer = asyncio.create_task(retry(admin_url, payment_id))
+            await until_waiting_on_a_lock(db)
+        got, problem = await answer
+    finally:
+        await racing_leader.close()
+
+    assert got == 409, problem
+    assert problem["title"] == "Leadership changed meanwhile"
+    assert "nothing was changed" in str(problem["detail"])
+    assert dict(await db.fetchrow("SELECT * FROM payments WHERE id = $1", payment_id)) == dict(
+        before
+    )
+
+
+async def until_waiting_on_a_lock(db: asyncpg.Connection, within: float = 5.0) -> None:
+    """Wait until some session's statement on payments waits for a lock."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not await db.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+        "AND query ILIKE '%UPDATE payments%'"
+    ):
+        assert asyncio.get_running_loop().time() < deadline, "the operator's write never waited"
+        await asyncio.sleep(0.02)

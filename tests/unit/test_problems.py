@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 
-from app.errors import DatabaseUnavailable
+from app.errors import DatabaseUnavailable, StaleLeader
 from app.web.problems import (
     DATABASE_UNAVAILABLE_DETAIL,
     PROBLEM_JSON,
@@ -200,3 +200,23 @@ async def test_an_unexpected_error_is_a_500_without_a_traceback_and_is_logged(
     assert body_of(response)["detail"] == "the error was logged on the server"
     assert "secret internals" not in json.dumps(body_of(response))
     assert "unhandled error on POST /v1/payments" in caplog.text
+
+
+class FencedOut(Exception):
+    """What the driver raises when the fence refuses a write (its SQLSTATE, PDF01)."""
+
+    sqlstate = "PDF01"
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [FencedOut("stale fencing token 4 on payments: fence payments is at 5"), StaleLeader("x")],
+)
+async def test_a_write_a_new_leader_fenced_out_is_a_409_that_says_nothing_changed(
+    exc: Exception,
+) -> None:
+    response = await answer_when_handler_raises(exc)
+
+    assert response.status == 409
+    assert body_of(response)["title"] == "Leadership changed meanwhile"
+    assert "nothing was changed" in body_of(response)["detail"]
