@@ -54,6 +54,10 @@ log = logging.getLogger(__name__)
 
 # Seconds between retries of a write or a claim while Postgres does not answer.
 OUTAGE_RETRY = 0.5
+# Longest a leaving leader spends on its final records and releases (its successor waits for
+# the lease meanwhile); during a Postgres outage, when they most likely fail, less.
+FINAL_WRITES = 2.0
+OUTAGE_FINAL_WRITES = 0.5
 # Recording is batched like River's completer, but rate-limited rather than delayed: a batch
 # is written at most once per RECORD_FLUSH seconds (or as soon as RECORD_BATCH outcomes
 # wait). Under load that is one statement per handful of calls; an outcome that arrives
@@ -233,9 +237,14 @@ class Dispatcher:
                 # now rather than at the next leader's recovery (fenced, like any release).
                 self._claimed.update(payment.id for payment in first)
                 await self._final_writes()
-            for lane in self._lanes:
-                with contextlib.suppress(Exception):
-                    await lane.close()
+            if self._outage_since is None:
+                # Together: each check-in is a round trip (the pool resets the session).
+                await asyncio.gather(
+                    *(lane.close() for lane in self._lanes), return_exceptions=True
+                )
+            # Else Postgres did not answer this term's last statements: a lane idle since
+            # then still holds a session the cut may have left hanging, whose check-in would
+            # wait out its bound while the lease a healthy replica needs is still ours.
         finally:
             for lane in self._lanes:
                 lane.abort()
@@ -693,8 +702,12 @@ class Dispatcher:
             self._outcomes.qsize(),
             len(self._claimed),
         )
+        # In a Postgres outage the writes most likely fail too: try them briefly rather than
+        # hold the lease (and so the successor) for the full bound; what they miss the next
+        # leader recovers under the same provider keys.
+        bound = OUTAGE_FINAL_WRITES if self._outage_since is not None else FINAL_WRITES
         try:
-            async with asyncio.timeout(min(self.settings.db_timeout, 2.0)):
+            async with asyncio.timeout(min(self.settings.db_timeout, bound)):
                 await self._flush_outcomes()
                 if self._claimed:
                     async with self.fenced.transaction(None) as conn:

@@ -206,7 +206,9 @@ class Engine:
             discard(raw)
             return
         try:
-            await asyncio.wait_for(pool.release(raw), _CLOSE_WAIT)
+            # The ping's bound: a healthy local session resets in milliseconds, and a term's
+            # exit (the lease a successor waits for) must not wait on a hanging one.
+            await asyncio.wait_for(pool.release(raw), _PING_BOUND)
         except Exception:
             discard(raw)
 
