@@ -237,14 +237,9 @@ class Dispatcher:
                 # now rather than at the next leader's recovery (fenced, like any release).
                 self._claimed.update(payment.id for payment in first)
                 await self._final_writes()
-            if self._outage_since is None:
-                # Together: each check-in is a round trip (the pool resets the session).
-                await asyncio.gather(
-                    *(lane.close() for lane in self._lanes), return_exceptions=True
-                )
-            # Else Postgres did not answer this term's last statements: a lane idle since
-            # then still holds a session the cut may have left hanging, whose check-in would
-            # wait out its bound while the lease a healthy replica needs is still ours.
+            for lane in self._lanes:
+                with contextlib.suppress(Exception):
+                    await lane.close()
         finally:
             for lane in self._lanes:
                 lane.abort()
@@ -703,8 +698,9 @@ class Dispatcher:
             len(self._claimed),
         )
         # In a Postgres outage the writes most likely fail too: try them briefly rather than
-        # hold the lease (and so the successor) for the full bound; what they miss the next
-        # leader recovers under the same provider keys.
+        # hold the lease (and so a stalled term's successor) for the full bound. A lane that
+        # lost its session spends up to the checkout ping's 0.5 s on a new one, so then they
+        # are as good as skipped: the next leader recovers them under the same provider keys.
         bound = OUTAGE_FINAL_WRITES if self._outage_since is not None else FINAL_WRITES
         try:
             async with asyncio.timeout(min(self.settings.db_timeout, bound)):
@@ -740,6 +736,8 @@ class Dispatcher:
                     self._outage(exc)
                 else:
                     log.exception("token %s: reconcile sweep failed; retrying", self.token)
+            else:
+                self._back()  # it read and wrote: Postgres answers (else only claims clear it)
 
     async def _reconcile_once(self) -> None:
         swept = await reconcile.sweep(

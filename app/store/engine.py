@@ -38,6 +38,12 @@ _UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "57P", "53300")
 _CLOSE_WAIT = 2.0
 # Longest a leader checkout's ping may take before the connection counts as broken.
 _PING_BOUND = 0.5
+# Longest a connection's return to its pool may take. Normally it does no I/O (no reset
+# query), but the pool closes one it retires — expired after Postgres went away, or at its
+# query limit — politely, waiting for the server's answer: on a link a partition left hanging
+# that would hold a leaving leader (and its lease) for as long as the wait lasts. Locally the
+# answer takes a millisecond; past this bound the connection is cut instead.
+_RELEASE_BOUND = 0.1
 
 
 class IntegrityViolation(PaydispatchError):
@@ -160,7 +166,7 @@ class Engine:
                 await pool.expire_connections()
             raise
         finally:
-            await pool.release(raw)
+            await release(pool, raw)
 
     @contextlib.asynccontextmanager
     async def transaction(self, timeout: float | None = None) -> AsyncIterator[Connection]:
@@ -188,7 +194,7 @@ class Engine:
             )
             for raw in held:
                 if not isinstance(raw, BaseException):
-                    await pool.release(raw)
+                    await release(pool, raw)
 
     async def checkout(self) -> Any:
         """A connection of the pool (pinged, for a leader's engine), held beyond one block
@@ -205,12 +211,7 @@ class Engine:
         if pool is None or not is_open(raw):
             discard(raw)
             return
-        try:
-            # The ping's bound: a healthy local session resets in milliseconds, and a term's
-            # exit (the lease a successor waits for) must not wait on a hanging one.
-            await asyncio.wait_for(pool.release(raw), _PING_BOUND)
-        except Exception:
-            discard(raw)
+        await release(pool, raw)
 
     async def close(self) -> None:
         """Close every connection (bounded: a dead server must not hold shutdown)."""
@@ -256,12 +257,21 @@ class Engine:
                 await raw.execute("SELECT 1")
         except BaseException as exc:
             discard(raw)
-            await pool.release(raw)
+            await release(pool, raw)
             if not isinstance(exc, Exception):
                 raise  # cancelled (a deadline): not the connection's fault
             await pool.expire_connections()
             return await pool.acquire()
         return raw
+
+
+async def release(pool: Any, raw: Any) -> None:
+    """Give ``raw`` back to ``pool``; a connection that cannot go back within _RELEASE_BOUND
+    (or at all) is closed without waiting, which frees its place just the same."""
+    try:
+        await pool.release(raw, timeout=_RELEASE_BOUND)
+    except Exception:
+        discard(raw)
 
 
 def is_open(raw: Any) -> bool:
