@@ -70,6 +70,27 @@ class FailoverStats:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
 
 
+def probe_address(url: str) -> tuple[str, int] | None:
+    """The (host, port) a leader's advertised ``url`` names, or None when it names none.
+
+    The URL comes from etcd, written by whichever replica leads — or by anything else with
+    write access to the election prefix: a malformed one (no host, port 0 or out of range, an
+    unclosed IPv6 bracket) is "no evidence", never an error that stops the detector.
+    """
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        port = parts.port
+    except ValueError:
+        return None
+    if port is None:
+        port = 443 if parts.scheme == "https" else 80
+    # Port 0 names no listener: probing another port instead could find it "refused".
+    if not host or port == 0:
+        return None
+    return host, port
+
+
 async def refuses_connections(url: str, timeout: float) -> bool:
     """True only when a TCP connect to ``url``'s host and port is actively refused.
 
@@ -77,20 +98,16 @@ async def refuses_connections(url: str, timeout: float) -> bool:
     A timeout, an unreachable network or a DNS failure say nothing about the process (a
     partition, a paused VM), so they count as "not refused".
     """
-    parts = urlsplit(url)
-    host = parts.hostname
-    if not host:
-        return False
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
+    address = probe_address(url)
+    if address is None:
         return False
     try:
         async with asyncio.timeout(timeout):
-            _, writer = await asyncio.open_connection(host, port)
+            _, writer = await asyncio.open_connection(*address)
     except ConnectionRefusedError:
         return True
-    except (OSError, TimeoutError):
+    # ValueError: a host name no resolver takes (e.g. an IDNA label over 63 characters).
+    except (OSError, TimeoutError, ValueError):
         return False
     writer.close()
     with contextlib.suppress(OSError, TimeoutError):

@@ -165,7 +165,7 @@ class LeaderObserver:
         ordered = sorted(
             (kv for kv in candidates.values() if kv.lease), key=lambda kv: kv.create_revision
         )
-        self.candidates = [_info(kv, since="") for kv in ordered]
+        self.candidates = [candidate_info(kv, since="") for kv in ordered]
         if not ordered:
             if self.leader is not None:
                 log.info("observed: no leader")
@@ -174,23 +174,35 @@ class LeaderObserver:
         first = ordered[0]
         if self.leader is not None and self.leader.token == first.create_revision:
             return
-        self.leader = _info(first, since=datetime.now(UTC).isoformat())
+        self.leader = candidate_info(first, since=datetime.now(UTC).isoformat())
         self.changes = [*self.changes[-49:], self.leader]
         log.info("observed new leader %s with token %s", self.leader.node_id, self.leader.token)
 
 
-def _info(kv: KeyValue, *, since: str) -> LeaderInfo:
-    """A candidate key as LeaderInfo (the token is its create revision)."""
-    try:
-        value = json.loads(kv.value)
-    except ValueError:
-        value = {}
-    if not isinstance(value, dict):
-        value = {}
+def candidate_info(kv: KeyValue, *, since: str) -> LeaderInfo:
+    """A candidate key as LeaderInfo (the token is its create revision), whatever its value.
+
+    The value is what a replica wrote (``{"node_id": …, "url": …}``), but anything with write
+    access to the prefix can put anything there: a field that is not a string, or a value
+    that is not a JSON object, reads as unknown ("?" and no URL) rather than stopping the
+    observer — a value nested past the decoder's recursion limit used to raise out of both of
+    its loops and leave the replica naming no leader until restarted.
+    """
+    value = _record(kv.value)
+    node_id = value.get("node_id")
+    url = value.get("url")
     return LeaderInfo(
-        node_id=str(value.get("node_id", "?")),
-        url=str(value.get("url", "")),
+        node_id=node_id if isinstance(node_id, str) else "?",
+        url=url if isinstance(url, str) else "",
         token=kv.create_revision,
         since=since,
         key=kv.key,
     )
+
+
+def _record(raw: bytes) -> dict[str, object]:
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}

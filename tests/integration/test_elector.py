@@ -219,6 +219,39 @@ async def test_a_key_without_a_lease_under_the_prefix_neither_blocks_nor_leads(
         assert kv is not None, "the elector never deletes what it does not own"
 
 
+async def test_a_candidate_value_no_decoder_takes_neither_stops_the_observer_nor_names_anyone(
+    etcd: EtcdCluster, prefix: str
+) -> None:
+    # Found by a generated test: a value nested past the JSON decoder's recursion limit raised
+    # out of both of the observer's loops, and the replica named no leader until restarted.
+    subscriber = Subscriber()
+    async with running(etcd, prefix, "honest", subscriber) as elector:
+        await until(lambda: elector.is_leader, "the only real candidate leads")
+        lease = await elector.client.grant_lease(30)
+        deep = b"[" * 100_000 + b"]" * 100_000
+        created, _, _ = await elector.client.create_if_absent(f"{prefix}zz-planted", deep, lease)
+        assert created
+        observer = LeaderObserver(config(etcd, prefix, "watcher"), elector.client)
+        watching = asyncio.create_task(observer.run())
+        try:
+            await until(lambda: len(observer.candidates) == 2, "the observer sees both keys")
+            # Two confirming reads later, the observer still runs and still names the leader.
+            await asyncio.sleep(2 * observer.confirm_interval + 0.2)
+            assert not watching.done(), watching.exception()
+            view = observer.view()
+            assert view.confirmed
+            assert view.leader is not None
+            assert view.leader.node_id == "honest"
+            assert [(c.node_id, c.url) for c in view.candidates] == [
+                ("honest", "http://honest.invalid"),
+                ("?", ""),
+            ]
+        finally:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+            await elector.client.revoke_lease(lease)
+
+
 async def test_an_observer_cut_off_from_etcd_names_no_leader_until_etcd_confirms_again(
     etcd3: EtcdCluster,
 ) -> None:
