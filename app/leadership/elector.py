@@ -32,6 +32,10 @@ from app.leadership.term import Term
 
 log = logging.getLogger(__name__)
 
+# Pause before re-reading the leader key after its watch broke (etcd restarting, a member
+# lost): long enough not to spin, short next to the lease TTL.
+WATCH_RETRY = 0.2
+
 # The subscriber: work run for one term. It must return or raise when term.stopping is set
 # (graceful resign or handover) and tolerate cancellation (any other loss). Returning while
 # the term is still wanted, or raising, ends the term.
@@ -202,7 +206,13 @@ class Elector:
         log.info("node %s elected leader with token %s", term.node_id, term.token)
         self._work_task = asyncio.create_task(self.work(term), name="leader-work")
         try:
-            await self._race(lost, lost_reason, self._watch_deadline(term), self._work_task)
+            await self._race(
+                lost,
+                lost_reason,
+                self._watch_deadline(term),
+                self._watch_own_key(term),
+                self._work_task,
+            )
             if not self._term_end.is_set():
                 raise LeadershipLost("the leader's work ended by itself")
         except Exception as exc:
@@ -243,6 +253,34 @@ class Elector:
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
+
+    async def _watch_own_key(self, term: Term) -> None:
+        """Raise LeadershipLost when the leader key is deleted while its lease lives (an
+        operator's ``etcdctl del``): the next candidate leads at once, and this term must not
+        act beside it until the fence stops it. A broken watch says nothing about the key:
+        read it, and watch again from that read."""
+        revision = term.token
+        while True:
+            try:
+                async for event in self.client.watch(term.key, start_revision=revision + 1):
+                    revision = event.mod_revision
+                    if event.type == "delete":
+                        raise self._key_deleted(term)
+            except (EtcdUnavailable, TimeoutError):  # WatchCompacted too: the read resumes
+                await asyncio.sleep(WATCH_RETRY)
+                try:
+                    kv, revision = await self.client.get(term.key, timeout=self.config.etcd_timeout)
+                except (EtcdUnavailable, TimeoutError):
+                    continue  # the lease's own checks end the term if etcd stays away
+                if kv is None or kv.create_revision != term.token:
+                    raise self._key_deleted(term) from None
+
+    @staticmethod
+    def _key_deleted(term: Term) -> LeadershipLost:
+        # Invalid at once for anything still holding the term, as after a lost lease.
+        reason = f"the leader key {term.key} was deleted (its lease may live on)"
+        term.lose(reason)
+        return LeadershipLost(reason)
 
     async def _watch_deadline(self, term: Term) -> None:
         """Raise LeadershipLost the moment validity runs out (also after a blocked loop)."""

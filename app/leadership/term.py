@@ -57,6 +57,8 @@ class Term:
     # Set by the subscriber once it may act (the dispatch side: after raising the fence);
     # until then the replica does not report itself as the leader.
     acting: bool = False
+    # Why the term ended before its lease did (its leader key was deleted), else None.
+    lost_reason: str | None = None
 
     def __post_init__(self) -> None:
         if not self.elected_at:
@@ -75,16 +77,24 @@ class Term:
 
     def remaining(self) -> float:
         """Seconds of validity left (≤ 0: no longer leader)."""
+        if self.lost_reason is not None:
+            return 0.0
         return self.deadline - self.clock()
 
     def renewed_ago(self) -> float:
         """Seconds since the last confirmed refresh was sent."""
         return self.clock() - self.lease.last_ok_sent
 
+    def lose(self, reason: str) -> None:
+        """End the term's validity now, for a reason other than its lease (which keeps its
+        own): from here on ``ensure_valid`` raises, as after a lost lease."""
+        self.lost_reason = reason
+
     def ensure_valid(self) -> None:
         """Raise LeadershipLost unless this leader may still act."""
-        if self.lease.lost_reason is not None:
-            raise LeadershipLost(self.lease.lost_reason)
+        reason = self.lost_reason or self.lease.lost_reason
+        if reason is not None:
+            raise LeadershipLost(reason)
         left = self.remaining()
         if left <= 0:
             raise LeadershipLost(

@@ -20,7 +20,7 @@ from app.leadership.etcd import EtcdClient
 from app.leadership.keepalive import LoopWatchdog
 from app.leadership.observer import LeaderObserver
 from app.leadership.term import Term
-from app.stack.etcd import EtcdCluster
+from app.stack.etcd import EtcdCluster, find_etcdctl_binary
 
 WAIT = 20.0  # seconds any expected event may take on a loaded 2-core machine
 
@@ -130,6 +130,46 @@ async def test_one_leader_among_three_and_each_handover_raises_the_token(
         assert tokens == sorted(set(tokens)), "tokens strictly increase from term to term"
     published = sorted(t.token for s in subscribers for t in s.terms)
     assert len(published) == len(set(published)), "no token is published twice"
+
+
+async def test_an_operator_deleting_the_leader_key_ends_that_term_and_the_next_candidate_leads(
+    etcd: EtcdCluster, prefix: str
+) -> None:
+    # The lease lives on, so only a watch on its own key tells the leader: before, it went on
+    # acting (and said it led) beside the next candidate until the fence stopped its writes.
+    subscribers = [Subscriber(), Subscriber()]
+    async with contextlib.AsyncExitStack() as stack:
+        electors = [
+            await stack.enter_async_context(running(etcd, prefix, f"n{i}", sub))
+            for i, sub in enumerate(subscribers)
+        ]
+        await until(lambda: sum(e.is_leader for e in electors) == 1, "one leader")
+        (old,) = [e for e in electors if e.is_leader]
+        assert old.term is not None
+        deleted = old.term
+        etcdctl = await asyncio.create_subprocess_exec(
+            str(find_etcdctl_binary()),
+            f"--endpoints={','.join(etcd.endpoints)}",
+            "del",
+            deleted.key,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await etcdctl.communicate()
+        assert (etcdctl.returncode, out.strip()) == (0, b"1"), err
+        await until(
+            lambda: old.term is None or old.term.token != deleted.token,
+            "the term whose key was deleted ends",
+        )
+        await until(
+            lambda: any(e.term is not None and e.term.token > deleted.token for e in electors),
+            "a candidate leads with a newer token",
+        )
+        with pytest.raises(LeadershipLost, match="was deleted"):
+            deleted.ensure_valid()  # whatever still holds the term may no longer act
+        await asyncio.sleep(0.3)  # a second leader would show up by now
+        assert sum(e.is_leader for e in electors) == 1
+        assert old.stats.transitions.get("lost", 0) >= 1, old.stats.transitions
 
 
 async def test_a_failing_subscriber_ends_the_term_and_the_next_term_has_a_higher_token(

@@ -125,3 +125,17 @@ def test_each_way_a_term_ends_is_counted_under_its_own_reason(
     error: BaseException, reason: str
 ) -> None:
     assert step_down_reason(error) == reason
+
+
+def test_a_lost_term_is_invalid_at_once_though_its_lease_still_renews() -> None:
+    clock = FakeClock()
+    lease = FakeLease(last_ok_sent=clock.now)
+    term = make_term(clock, lease)
+    term.ensure_valid()
+    term.lose("the leader key was deleted")
+    lease.last_ok_sent = clock.now  # the keep-alive goes on succeeding
+    assert term.remaining() == 0
+    with pytest.raises(LeadershipLost, match="leader key was deleted"):
+        term.ensure_valid()
+    with pytest.raises(LeadershipLost):
+        term.call_timeout(1.0)
