@@ -33,8 +33,10 @@ from app.leadership.term import Term
 log = logging.getLogger(__name__)
 
 # Pause before re-reading the leader key after its watch broke (etcd restarting, a member
-# lost): long enough not to spin, short next to the lease TTL.
+# lost): long enough not to spin, short next to the lease TTL; doubled (up to the max) while
+# etcd does not answer, as every failed call also reconnects the shared channel.
 WATCH_RETRY = 0.2
+WATCH_RETRY_MAX = 1.6
 
 # The subscriber: work run for one term. It must return or raise when term.stopping is set
 # (graceful resign or handover) and tolerate cancellation (any other loss). Returning while
@@ -205,13 +207,12 @@ class Elector:
         self.stats.count("elected")
         log.info("node %s elected leader with token %s", term.node_id, term.token)
         self._work_task = asyncio.create_task(self.work(term), name="leader-work")
+        # Ours, not _race's: its clean-up (cancelling a watch in etcd) may take a while when
+        # etcd struggles, and must not hold up stopping the work or handing over.
+        own_key = asyncio.create_task(self._watch_own_key(term), name="leader-key-watch")
         try:
             await self._race(
-                lost,
-                lost_reason,
-                self._watch_deadline(term),
-                self._watch_own_key(term),
-                self._work_task,
+                lost, lost_reason, self._watch_deadline(term), own_key, self._work_task
             )
             if not self._term_end.is_set():
                 raise LeadershipLost("the leader's work ended by itself")
@@ -228,14 +229,17 @@ class Elector:
                 log.warning("node %s stepping down (token %s): %s", term.node_id, term.token, exc)
             raise
         finally:
+            own_key.cancel()
             await self._stop_work(term)
+            await asyncio.gather(own_key, return_exceptions=True)
 
     async def _race(
         self, lost: asyncio.Event, lost_reason: list[str], *aws: Awaitable[None]
     ) -> None:
         """Return when the first of ``aws`` finishes (re-raising its error) or on resign;
-        raise LeadershipLost if the lease is lost first. The work task is left to
-        _stop_work, which stops it gracefully or not."""
+        raise LeadershipLost if the lease is lost first. What this starts from ``aws`` it
+        cancels and awaits; tasks passed in stay their owner's (the work task is left to
+        _stop_work, which stops it gracefully or not)."""
         tasks: list[asyncio.Future[Any]] = [asyncio.ensure_future(aw) for aw in aws]
         lost_task = asyncio.ensure_future(lost.wait())
         resign_task = asyncio.ensure_future(self._term_end.wait())
@@ -249,36 +253,50 @@ class Elector:
                 if task in done:
                     task.result()
         finally:
-            helpers = [t for t in (*tasks, lost_task, resign_task) if t is not self._work_task]
+            started = [t for t, aw in zip(tasks, aws, strict=True) if t is not aw]
+            helpers = [*started, lost_task, resign_task]
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
 
     async def _watch_own_key(self, term: Term) -> None:
-        """Raise LeadershipLost when the leader key is deleted while its lease lives (an
-        operator's ``etcdctl del``): the next candidate leads at once, and this term must not
-        act beside it until the fence stops it. A broken watch says nothing about the key:
-        read it, and watch again from that read."""
+        """Raise LeadershipLost when the leader key stops being this term's: deleted, or
+        overwritten without our lease (an operator's ``etcdctl del`` or ``put``), while the
+        lease itself lives on. The next candidate leads at once, and this term must not act
+        beside it until the fence stops it. A broken watch says nothing about the key: read
+        it, and watch again from that read (backing off while etcd does not answer)."""
         revision = term.token
+        pause = WATCH_RETRY
         while True:
             try:
-                async for event in self.client.watch(term.key, start_revision=revision + 1):
-                    revision = event.mod_revision
-                    if event.type == "delete":
-                        raise self._key_deleted(term)
+                watch = self.client.watch(term.key, start_revision=revision + 1)
+                async with contextlib.aclosing(watch) as events:
+                    async for event in events:
+                        revision = event.mod_revision
+                        if event.type == "delete" or event.lease != term.lease_id:
+                            raise self._key_lost(term, event.type)
             except (EtcdUnavailable, TimeoutError):  # WatchCompacted too: the read resumes
-                await asyncio.sleep(WATCH_RETRY)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, WATCH_RETRY_MAX)
                 try:
                     kv, revision = await self.client.get(term.key, timeout=self.config.etcd_timeout)
                 except (EtcdUnavailable, TimeoutError):
                     continue  # the lease's own checks end the term if etcd stays away
-                if kv is None or kv.create_revision != term.token:
-                    raise self._key_deleted(term) from None
+                pause = WATCH_RETRY
+                if kv is None:
+                    raise self._key_lost(term, "delete") from None
+                if kv.create_revision != term.token or kv.lease != term.lease_id:
+                    raise self._key_lost(term, "put") from None
 
     @staticmethod
-    def _key_deleted(term: Term) -> LeadershipLost:
-        # Invalid at once for anything still holding the term, as after a lost lease.
-        reason = f"the leader key {term.key} was deleted (its lease may live on)"
+    def _key_lost(term: Term, change: str) -> LeadershipLost:
+        # Invalid at once for anything still holding the term, as after a lost lease. A
+        # delete is also how etcd ends a lease (expired, revoked): the keep-alive may not
+        # have noticed yet, so the reason names only what was seen.
+        if change == "delete":
+            reason = f"the leader key {term.key} was deleted"
+        else:
+            reason = f"the leader key {term.key} was overwritten without this term's lease"
         term.lose(reason)
         return LeadershipLost(reason)
 
@@ -360,10 +378,14 @@ class Elector:
             await self._wait_deleted(older[-1], revision)
 
     async def _wait_deleted(self, kv: KeyValue, revision: int) -> None:
-        """Watch ``kv.key`` from ``revision + 1`` until it is deleted."""
-        async for event in self.client.watch(kv.key, start_revision=revision + 1):
-            if event.type == "delete":
-                return
+        """Watch ``kv.key`` from ``revision + 1`` until it is deleted or stops being a
+        candidate (overwritten without its lease: revoking that lease would no longer delete
+        it). The caller reads the prefix again either way."""
+        watch = self.client.watch(kv.key, start_revision=revision + 1)
+        async with contextlib.aclosing(watch) as events:
+            async for event in events:
+                if event.type == "delete" or event.lease != kv.lease:
+                    return
 
     async def resign(self) -> None:
         """Stop acting, let the work finish within the grace period, revoke the lease."""

@@ -132,11 +132,18 @@ async def test_one_leader_among_three_and_each_handover_raises_the_token(
     assert len(published) == len(set(published)), "no token is published twice"
 
 
-async def test_an_operator_deleting_the_leader_key_ends_that_term_and_the_next_candidate_leads(
-    etcd: EtcdCluster, prefix: str
+@pytest.mark.parametrize(
+    ("command", "reason"),
+    [(["del"], "was deleted"), (["put", "--", "x"], "overwritten without this term's lease")],
+    ids=["deleted", "overwritten-without-lease"],
+)
+async def test_an_operator_taking_the_leader_key_ends_that_term_and_the_next_candidate_leads(
+    etcd: EtcdCluster, prefix: str, command: list[str], reason: str
 ) -> None:
     # The lease lives on, so only a watch on its own key tells the leader: before, it went on
-    # acting (and said it led) beside the next candidate until the fence stopped its writes.
+    # acting (and said it led) beside the next candidate until the fence refused its writes.
+    # A key overwritten without the lease is no candidate any more: revoking the lease would
+    # no longer delete it, so the follower waiting on it must see the put as well.
     subscribers = [Subscriber(), Subscriber()]
     async with contextlib.AsyncExitStack() as stack:
         electors = [
@@ -146,27 +153,28 @@ async def test_an_operator_deleting_the_leader_key_ends_that_term_and_the_next_c
         await until(lambda: sum(e.is_leader for e in electors) == 1, "one leader")
         (old,) = [e for e in electors if e.is_leader]
         assert old.term is not None
-        deleted = old.term
+        taken = old.term
+        verb, *rest = command
+        args = [verb, *rest[:1], taken.key, *rest[1:]]  # etcdctl put -- KEY VALUE
         etcdctl = await asyncio.create_subprocess_exec(
             str(find_etcdctl_binary()),
             f"--endpoints={','.join(etcd.endpoints)}",
-            "del",
-            deleted.key,
+            *args,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        out, err = await etcdctl.communicate()
-        assert (etcdctl.returncode, out.strip()) == (0, b"1"), err
+        _, err = await etcdctl.communicate()
+        assert etcdctl.returncode == 0, err
         await until(
-            lambda: old.term is None or old.term.token != deleted.token,
-            "the term whose key was deleted ends",
+            lambda: old.term is None or old.term.token != taken.token,
+            "the term whose key was taken ends",
         )
+        with pytest.raises(LeadershipLost, match=reason):
+            taken.ensure_valid()  # whatever still holds the term may no longer act
         await until(
-            lambda: any(e.term is not None and e.term.token > deleted.token for e in electors),
+            lambda: any(e.term is not None and e.term.token > taken.token for e in electors),
             "a candidate leads with a newer token",
         )
-        with pytest.raises(LeadershipLost, match="was deleted"):
-            deleted.ensure_valid()  # whatever still holds the term may no longer act
         await asyncio.sleep(0.3)  # a second leader would show up by now
         assert sum(e.is_leader for e in electors) == 1
         assert old.stats.transitions.get("lost", 0) >= 1, old.stats.transitions
