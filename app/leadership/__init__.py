@@ -16,7 +16,12 @@ Election (etcd's ``concurrency.Election.Campaign`` recipe)
        is the **fencing token**: etcd revisions only grow, across leaders and across restarts
        of a healthy cluster. Never the lease id: unique, but not ordered. (A restore from a
        snapshot must use ``etcdutl snapshot restore --bump-revision --mark-compacted``.)
-    4. The term is published; the subscriber runs until the term ends.
+    4. The term is published; the subscriber runs until the term ends. The leader watches
+       its own key meanwhile: deleted, or overwritten without its lease (an operator's
+       ``etcdctl del``/``put``), it ends the term at once — the lease alone would not tell it
+       that the next candidate already leads. A waiting candidate treats such an overwrite
+       of the key before its own as a deletion (revoking that lease would no longer remove
+       it), and only keys with a lease are candidates at all.
 
 Validity (the rule that keeps a slow leader harmless even before fencing)
     The leader trusts itself until ``send time of the last confirmed refresh + TTL - margin``
