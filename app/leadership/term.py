@@ -57,7 +57,7 @@ class Term:
     # Set by the subscriber once it may act (the dispatch side: after raising the fence);
     # until then the replica does not report itself as the leader.
     acting: bool = False
-    # Why the term ended before its lease did (its leader key was deleted), else None.
+    # Why the term ended before its lease did (its leader key was deleted or overwritten).
     lost_reason: str | None = None
 
     def __post_init__(self) -> None:
