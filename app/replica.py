@@ -28,6 +28,7 @@ from app.obs.collectors import collect_replica, refresh_counts
 from app.obs.tracing import TracingConfig, start_tracing
 from app.runtime import settle_heap
 from app.settings import Settings
+from app.store import claims
 from app.store.counts import StatusCounts
 from app.store.engine import create_engine
 from app.store.fence import check_fence_name, enforced_fence_name, privilege_warnings
@@ -147,7 +148,10 @@ async def _leadership(app: web.Application) -> AsyncIterator[None]:
     # The leader's own pool and HTTP session: ingest load must not starve the dispatcher
     # of connections, nor the other way round.
     leader_engine = create_engine(settings, pool_size=LEADER_POOL_SIZE, leader=True)
-    await leader_engine.warm(LEADER_WARM_CONNECTIONS)
+    await leader_engine.warm(
+        LEADER_WARM_CONNECTIONS,
+        prime=functools.partial(claims.prime, fence_name=settings.fence_name),
+    )
     http = aiohttp.ClientSession(
         # Keep-alive connections (aiohttp's default), as many as calls may be in flight, so
         # a steady drain never opens a connection per charge.

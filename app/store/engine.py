@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -181,20 +181,35 @@ class Engine:
             yield conn
             await conn.execute("COMMIT")
 
-    async def warm(self, connections: int = 1) -> None:
+    async def warm(
+        self, connections: int = 1, *, prime: Callable[[Any], Awaitable[None]] | None = None
+    ) -> None:
         """Open ``connections`` connections now and keep them in the pool (best effort: a
         failure is left for the first real use to meet). A new leader's take-over and its
         lanes (``checkout``) then start with a ping instead of a connection set-up (client
         and server process start, authentication: 40-60 ms here while a failover keeps
-        both cores busy)."""
+        both cores busy). ``prime`` runs once on each (bounded by the timeout), to prepare
+        what its later users will run."""
         with contextlib.suppress(Exception):
             pool = await self._ready_pool()
             held = await asyncio.gather(
                 *(self._acquire(pool) for _ in range(connections)), return_exceptions=True
             )
-            for raw in held:
-                if not isinstance(raw, BaseException):
-                    await release(pool, raw)
+            opened = [raw for raw in held if not isinstance(raw, BaseException)]
+            if prime is not None:
+                await asyncio.gather(
+                    *(self._primed(raw, prime) for raw in opened), return_exceptions=True
+                )
+            for raw in opened:
+                await release(pool, raw)
+
+    async def _primed(self, raw: Any, prime: Callable[[Any], Awaitable[None]]) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await prime(raw)
+        except (TimeoutError, asyncio.CancelledError):
+            discard(raw)  # a statement may still run on it: never hand it on
+            raise
 
     async def checkout(self) -> Any:
         """A connection of the pool (pinged, for a leader's engine), held beyond one block
