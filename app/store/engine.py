@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -33,6 +34,8 @@ SQLSTATE_APPEND_ONLY = "PDA01"
 
 # Postgres is down, restarting or refusing connections: worth retrying later.
 _UNAVAILABLE_SQLSTATE_PREFIXES = ("08", "57P", "53300")
+
+log = logging.getLogger(__name__)
 
 # Seconds a pool gets to close its connections politely before they are cut.
 _CLOSE_WAIT = 2.0
@@ -197,9 +200,20 @@ class Engine:
             )
             opened = [raw for raw in held if not isinstance(raw, BaseException)]
             if prime is not None:
-                await asyncio.gather(
+                primed = await asyncio.gather(
                     *(self._primed(raw, prime) for raw in opened), return_exceptions=True
                 )
+                failed = [exc for exc in primed if isinstance(exc, BaseException)]
+                if failed:
+                    # Not fatal (the first term prepares what it needs), but a priming that
+                    # always fails would otherwise only show as slower handovers.
+                    log.info(
+                        "could not prepare %d of %d warm sessions: %s: %s",
+                        len(failed),
+                        len(opened),
+                        type(failed[0]).__name__,
+                        failed[0],
+                    )
             for raw in opened:
                 await release(pool, raw)
 

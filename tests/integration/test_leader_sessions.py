@@ -169,6 +169,8 @@ async def test_warm_sessions_have_both_lane_statements_prepared_and_nothing_is_w
     # Inside handovers at 250/s a session often met its statement for the first time: the
     # claim's Parse took 17 ms, the record's array-type introspection 19-31 ms.
     fence = settings_.fence_name
+    # A due payment the priming claim (under the fence's current token) must not take.
+    await enqueue(settings_, ["prime-bait"])
     before = await db.fetch("SELECT * FROM leader_fence ORDER BY name")
     rows_before = await db.fetch("SELECT * FROM payments ORDER BY id")
     attempts_before = await db.fetchval("SELECT count(*) FROM payment_attempts")
@@ -197,3 +199,7 @@ async def test_warm_sessions_have_both_lane_statements_prepared_and_nothing_is_w
     assert await db.fetch("SELECT * FROM leader_fence ORDER BY name") == before
     assert await db.fetch("SELECT * FROM payments ORDER BY id") == rows_before
     assert await db.fetchval("SELECT count(*) FROM payment_attempts") == attempts_before
+    (bait,) = await rows(db, ["prime-bait"])
+    assert (bait["status"], bait["fence_token"], bait["attempts"]) == ("pending", None, 0)
+    # Not left for the next test's leader to charge at its own provider.
+    await db.execute("DELETE FROM payments WHERE id = $1", bait["id"])
