@@ -142,21 +142,7 @@ class LeaderLane:
         batch is harmless).
         """
         await self._fetch(
-            timeout,
-            _RECORD,
-            self.fence_name,
-            self.token,
-            node,
-            [o.payment_id for o in outcomes],
-            [o.attempt for o in outcomes],
-            [o.status.value for o in outcomes],
-            [o.charge_id for o in outcomes],
-            [o.error for o in outcomes],
-            [o.delay for o in outcomes],
-            [o.started for o in outcomes],
-            [o.finished for o in outcomes],
-            [o.attempt_outcome for o in outcomes],
-            [o.http_status for o in outcomes],
+            timeout, _RECORD, *_record_args(self.fence_name, self.token, node, outcomes)
         )
 
     async def close(self) -> None:
@@ -229,7 +215,7 @@ async def prime(raw: Any, *, fence_name: str) -> None:
     if token is None:
         return  # no fence to assert (a misconfigured name): the replica refuses to start
     await raw.fetch(_CLAIM, fence_name, token, 0, 0.0)
-    await raw.fetch(_RECORD, fence_name, token, "", [], [], [], [], [], [], [], [], [], [])
+    await raw.fetch(_RECORD, *_record_args(fence_name, token, "", ()))
 
 
 async def claim_in(
@@ -239,6 +225,27 @@ async def claim_in(
     first batch in its take-over transaction, so its first calls start the moment that
     commits (no claim round trip after it). The fence must already be ours there."""
     return _claimed(await conn.fetch(_CLAIM, fence_name, token, limit, float(horizon)))
+
+
+def _record_args(
+    fence_name: str, token: int, node: str, outcomes: Sequence[Outcome]
+) -> tuple[object, ...]:
+    """_RECORD's parameters, $1 to $13, for ``outcomes`` (one array per column)."""
+    return (
+        fence_name,
+        token,
+        node,
+        [o.payment_id for o in outcomes],
+        [o.attempt for o in outcomes],
+        [o.status.value for o in outcomes],
+        [o.charge_id for o in outcomes],
+        [o.error for o in outcomes],
+        [o.delay for o in outcomes],
+        [o.started for o in outcomes],
+        [o.finished for o in outcomes],
+        [o.attempt_outcome for o in outcomes],
+        [o.http_status for o in outcomes],
+    )
 
 
 def _claimed(rows: Sequence[Any]) -> list[Claimed]:
