@@ -737,7 +737,7 @@ class Dispatcher:
                 else:
                     log.exception("token %s: reconcile sweep failed; retrying", self.token)
             else:
-                self._back()  # it read and wrote: Postgres answers (else only claims clear it)
+                self._back()  # it read and wrote: Postgres answers (else only claims, records)
 
     async def _reconcile_once(self) -> None:
         swept = await reconcile.sweep(
