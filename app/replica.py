@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from app.dispatch.dispatcher import DispatchStats
-from app.dispatch.leader import LEADER_POOL_SIZE, LEADER_WARM_CONNECTIONS, DispatchLeader
+from app.dispatch.leader import LEADER_POOL_SIZE, DispatchLeader
 from app.dispatch.provider import ProviderClient
 from app.errors import DatabaseUnavailable
 from app.failover.beacon import LivenessBeacon
@@ -28,7 +28,6 @@ from app.obs.collectors import collect_replica, refresh_counts
 from app.obs.tracing import TracingConfig, start_tracing
 from app.runtime import settle_heap
 from app.settings import Settings
-from app.store import claims
 from app.store.counts import StatusCounts
 from app.store.engine import create_engine
 from app.store.fence import check_fence_name, enforced_fence_name, privilege_warnings
@@ -148,10 +147,6 @@ async def _leadership(app: web.Application) -> AsyncIterator[None]:
     # The leader's own pool and HTTP session: ingest load must not starve the dispatcher
     # of connections, nor the other way round.
     leader_engine = create_engine(settings, pool_size=LEADER_POOL_SIZE, leader=True)
-    await leader_engine.warm(
-        LEADER_WARM_CONNECTIONS,
-        prime=functools.partial(claims.prime, fence_name=settings.fence_name),
-    )
     http = aiohttp.ClientSession(
         # Keep-alive connections (aiohttp's default), as many as calls may be in flight, so
         # a steady drain never opens a connection per charge.
@@ -177,6 +172,8 @@ async def _leadership(app: web.Application) -> AsyncIterator[None]:
         companions=(beacon,) if settings.fast_failover else (),
         tracing=app[TRACING],
     )
+    # Its sessions open and prepared before this replica can be elected.
+    await leader.warm()
     elector = Elector(config, client, leader, watchdog)
     observer = LeaderObserver(config, client)
     detector = CrashDetector(detector_config(settings), client, observer)
@@ -193,6 +190,7 @@ async def _leadership(app: web.Application) -> AsyncIterator[None]:
     tasks = [
         asyncio.create_task(watchdog.run(), name="loop-watchdog"),
         asyncio.create_task(observer.run(), name="leader-observer"),
+        asyncio.create_task(leader.keep_warm(), name="leader-sessions"),
     ]
     if settings.fast_failover:
         tasks.append(asyncio.create_task(detector.run(), name="crash-detector"))

@@ -35,6 +35,7 @@ from typing import Any
 
 from app.domain.payment import Claimed, Outcome
 from app.errors import LeadershipLost, StaleLeader
+from app.store import payments
 from app.store.engine import Connection, Engine, discard, is_open, translate
 
 _CLAIM = """
@@ -200,22 +201,27 @@ class LeaderLane:
 
 
 async def prime(raw: Any, *, fence_name: str) -> None:
-    """Prepare the lanes' statements on ``raw``, a session of the leader's pool, at start-up:
-    each runs once on no rows under the fence's current token, so nothing is written and no
-    leader is disturbed (the assertion's share lock lasts one statement).
+    """Prepare the lanes' statements on ``raw``, a new session of the leader's pool, before
+    any term needs it (``DispatchLeader.warm``): each runs once on no rows under the fence's
+    current token, so nothing is written and no leader is disturbed (the assertion's share
+    lock lasts one statement).
 
     A session keeps the statements of whatever role it last played in a term — take-over
     (which claims with the lane's statement), claim lane or record lane — and the pool hands
     the roles out in any order, so a handover used to meet a statement new to its session:
     the Parse of the claim took 17 ms and the introspection of the record's array types
     19-31 ms inside handovers at 250 payments/s (Postgres statement log of a kept run).
-    Prepared here, both are in every warm session's statement cache before any election.
+    Prepared here, both are in every warm session's statement cache before any election,
+    with the take-over's recovery statement (the fence raise would write; it is short).
     """
     token = await raw.fetchval("SELECT token FROM leader_fence WHERE name = $1", fence_name)
     if token is None:
         return  # no fence to assert (a misconfigured name): the replica refuses to start
     await raw.fetch(_CLAIM, fence_name, token, 0, 0.0)
     await raw.fetch(_RECORD, *_record_args(fence_name, token, "", ()))
+    # The take-over's recovery too, for token 0: no fence token is below it (etcd
+    # revisions start at 1), so it re-queues nothing.
+    await payments.recover(Connection(raw), token=0, node="")
 
 
 async def claim_in(

@@ -149,6 +149,10 @@ class Engine:
         self._pre_ping = pre_ping
         self._pool: Any = None  # asyncpg.Pool
         self._opening = asyncio.Lock()
+        # Backend pids of the sessions ``warm`` primed: a live session keeps its prepared
+        # statements, so only new ones need priming. (A pid Postgres reuses after a restart
+        # would only leave that one session unprimed, as before any priming.)
+        self._primed_sessions: set[int] = set()
 
     @contextlib.asynccontextmanager
     async def connect(self) -> AsyncIterator[Connection]:
@@ -191,31 +195,49 @@ class Engine:
         failure is left for the first real use to meet). A new leader's take-over and its
         lanes (``checkout``) then start with a ping instead of a connection set-up (client
         and server process start, authentication: 40-60 ms here while a failover keeps
-        both cores busy). ``prime`` runs once on each (bounded by the timeout), to prepare
-        what its later users will run."""
+        both cores busy). ``prime`` runs once on each session new to it (bounded by the
+        timeout), to prepare what its later users will run.
+
+        Called again, it pings the sessions it finds (for a leader's engine) and replaces
+        those a Postgres restart ended, priming only the replacements.
+        """
         with contextlib.suppress(Exception):
             pool = await self._ready_pool()
             held = await asyncio.gather(
                 *(self._acquire(pool) for _ in range(connections)), return_exceptions=True
             )
             opened = [raw for raw in held if not isinstance(raw, BaseException)]
-            if prime is not None:
-                primed = await asyncio.gather(
-                    *(self._primed(raw, prime) for raw in opened), return_exceptions=True
-                )
-                failed = [exc for exc in primed if isinstance(exc, BaseException)]
-                if failed:
-                    # Not fatal (the first term prepares what it needs), but a priming that
-                    # always fails would otherwise only show as slower handovers.
-                    log.info(
-                        "could not prepare %d of %d warm sessions: %s: %s",
-                        len(failed),
-                        len(opened),
-                        type(failed[0]).__name__,
-                        failed[0],
-                    )
-            for raw in opened:
-                await release(pool, raw)
+            try:
+                if prime is not None:
+                    await self._prime_new(opened, prime)
+            finally:
+                for raw in opened:
+                    await release(pool, raw)
+
+    async def _prime_new(self, opened: list[Any], prime: Callable[[Any], Awaitable[None]]) -> None:
+        new = [raw for raw in opened if _backend(raw) not in self._primed_sessions]
+        if not new:
+            return
+        primed = await asyncio.gather(
+            *(self._primed(raw, prime) for raw in new), return_exceptions=True
+        )
+        failed = [exc for exc in primed if isinstance(exc, BaseException)]
+        if failed:
+            # Not fatal (the first term prepares what it needs), but a priming that always
+            # fails would otherwise only show as slower handovers.
+            log.info(
+                "could not prepare %d of %d warm sessions: %s: %s",
+                len(failed),
+                len(new),
+                type(failed[0]).__name__,
+                failed[0],
+            )
+        if len(self._primed_sessions) > 4 * self._size:
+            self._primed_sessions.clear()  # sessions of before a restart: the pool holds _size
+        for raw, outcome in zip(new, primed, strict=True):
+            pid = _backend(raw)
+            if pid is not None and not isinstance(outcome, BaseException):
+                self._primed_sessions.add(pid)
 
     async def _primed(self, raw: Any, prime: Callable[[Any], Awaitable[None]]) -> None:
         try:
@@ -301,6 +323,15 @@ async def release(pool: Any, raw: Any) -> None:
         await pool.release(raw, timeout=_RELEASE_BOUND)
     except Exception:
         discard(raw)
+
+
+def _backend(raw: Any) -> int | None:
+    """The server process of a pooled connection (None once it is closed)."""
+    try:
+        pid: int = raw.get_server_pid()
+    except Exception:
+        return None
+    return pid
 
 
 def is_open(raw: Any) -> bool:

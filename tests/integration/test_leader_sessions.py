@@ -9,13 +9,19 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
 
 from app.dispatch.dispatcher import Dispatcher, DispatchStats
-from app.dispatch.leader import LEADER_POOL_SIZE, LEADER_WARM_CONNECTIONS
+from app.dispatch.leader import (
+    LEADER_POOL_SIZE,
+    LEADER_WARM_CONNECTIONS,
+    REWARM_EVERY,
+    DispatchLeader,
+)
 from app.dispatch.provider import ProviderClient
 from app.obs.metrics import Metrics
 from app.settings import Settings
@@ -163,43 +169,152 @@ async def test_a_first_batch_claimed_at_take_over_but_never_called_goes_back_to_
     assert provider.charges == [], "a payment of a term that never ran was sent"
 
 
-async def test_warm_sessions_have_both_lane_statements_prepared_and_nothing_is_written(
-    settings_: Settings, db: asyncpg.Connection
+async def test_warm_sessions_have_the_term_statements_prepared_and_nothing_is_written(
+    settings_: Settings, db: asyncpg.Connection, engine: Engine
 ) -> None:
     # Inside handovers at 250/s a session often met its statement for the first time: the
     # claim's Parse took 17 ms, the record's array-type introspection 19-31 ms.
     fence = settings_.fence_name
-    # A due payment the priming claim (under the fence's current token) must not take.
+    # One in flight under an older leader's token, which a take-over's recovery re-queues:
+    # the priming prepares the recovery statement too, and must not.
+    older = await db.fetchval("SELECT token FROM leader_fence WHERE name = $1", fence) + 1
+    await enqueue(settings_, ["prime-in-flight"])
+    async with raised_fence(
+        engine, name=fence, token=older, holder="older-leader", timeout=5
+    ) as conn:
+        assert (
+            len(await claims.claim_in(conn, fence_name=fence, token=older, limit=1, horizon=3600))
+            == 1
+        )
+    async with raised_fence(engine, name=fence, token=older + 1, holder="newer", timeout=5):
+        pass  # a newer leader raised the fence and has not recovered yet
+    # And a due payment the priming claim (under the fence's current token) must not take.
     await enqueue(settings_, ["prime-bait"])
     before = await db.fetch("SELECT * FROM leader_fence ORDER BY name")
     rows_before = await db.fetch("SELECT * FROM payments ORDER BY id")
     attempts_before = await db.fetchval("SELECT count(*) FROM payment_attempts")
-    engine = create_engine(settings_, pool_size=LEADER_POOL_SIZE, leader=True)
+    # The fixture's engine sessions carry the same application_name: out of the way.
+    await engine.close()
+    fresh = create_engine(settings_, pool_size=LEADER_POOL_SIZE, leader=True)
     try:
-        await engine.warm(
+        await fresh.warm(
             LEADER_WARM_CONNECTIONS, prime=functools.partial(claims.prime, fence_name=fence)
         )
         opened = await leader_sessions(db, settings_)
         assert len(opened) == LEADER_WARM_CONNECTIONS
-        held = [await engine.checkout() for _ in range(LEADER_WARM_CONNECTIONS)]
-        try:
-            for raw in held:
-                assert raw.get_server_pid() in opened, "a checkout opened a new session"
-                prepared = [
-                    row[0]
-                    for row in await raw.fetch("SELECT statement FROM pg_prepared_statements")
-                ]
-                assert any("FOR UPDATE SKIP LOCKED" in text for text in prepared), prepared
-                assert any("INSERT INTO payment_attempts" in text for text in prepared), prepared
-        finally:
-            for raw in held:
-                await engine.checkin(raw)
+        await assert_primed(fresh, opened)
     finally:
-        await engine.close()
+        await fresh.close()
     assert await db.fetch("SELECT * FROM leader_fence ORDER BY name") == before
     assert await db.fetch("SELECT * FROM payments ORDER BY id") == rows_before
     assert await db.fetchval("SELECT count(*) FROM payment_attempts") == attempts_before
     (bait,) = await rows(db, ["prime-bait"])
     assert (bait["status"], bait["fence_token"], bait["attempts"]) == ("pending", None, 0)
-    # Not left for the next test's leader to charge at its own provider.
-    await db.execute("DELETE FROM payments WHERE id = $1", bait["id"])
+    (flight,) = await rows(db, ["prime-in-flight"])
+    assert (flight["status"], flight["fence_token"]) == ("in_flight", older)
+
+
+async def assert_primed(engine: Engine, sessions: set[int]) -> None:
+    """Each of ``sessions`` (all the warm ones) has the claim, the record and the recovery
+    statements prepared."""
+    held = [await engine.checkout() for _ in range(len(sessions))]
+    try:
+        for raw in held:
+            assert raw.get_server_pid() in sessions, "a checkout opened a new session"
+            prepared = [
+                row[0] for row in await raw.fetch("SELECT statement FROM pg_prepared_statements")
+            ]
+            assert any("FOR UPDATE SKIP LOCKED" in text for text in prepared), prepared
+            assert any("provider_charge_id = COALESCE" in text for text in prepared), prepared
+            assert any("'abandoned'" in text for text in prepared), prepared
+    finally:
+        for raw in held:
+            await engine.checkin(raw)
+
+
+async def test_warming_again_primes_only_the_sessions_that_replaced_ended_ones(
+    db: asyncpg.Connection, settings_: Settings, engine: Engine
+) -> None:
+    primings: list[int] = []
+
+    async def counted(raw: Any) -> None:
+        primings.append(raw.get_server_pid())
+        await claims.prime(raw, fence_name=settings_.fence_name)
+
+    await engine.close()  # the fixture's sessions, opened without priming
+    fresh = create_engine(settings_, pool_size=LEADER_POOL_SIZE, leader=True)
+    try:
+        await fresh.warm(LEADER_WARM_CONNECTIONS, prime=counted)
+        first = await leader_sessions(db, settings_)
+        assert sorted(primings) == sorted(first)
+        assert len(first) == LEADER_WARM_CONNECTIONS
+        await fresh.warm(LEADER_WARM_CONNECTIONS, prime=counted)
+        assert len(primings) == LEADER_WARM_CONNECTIONS, "a live session was primed again"
+
+        await end_sessions(db, first)
+        await fresh.warm(LEADER_WARM_CONNECTIONS, prime=counted)
+        replaced = await leader_sessions(db, settings_)
+        assert len(replaced) == LEADER_WARM_CONNECTIONS
+        assert not replaced & first
+        assert sorted(primings) == sorted(first | replaced)
+        await assert_primed(fresh, replaced)
+    finally:
+        await fresh.close()
+
+
+async def test_between_terms_sessions_postgres_ended_are_replaced_by_primed_ones(
+    db: asyncpg.Connection, provider: HostileProvider, settings_: Settings, engine: Engine
+) -> None:
+    # A Postgres restart ends every warm session; the next term used to open and prepare
+    # its sessions inside the handover (SIGTERM handovers after a restart: ~0.1 → 0.25 s).
+    await engine.close()  # the fixture's sessions, opened without priming
+    leader_engine = create_engine(settings_, pool_size=LEADER_POOL_SIZE, leader=True)
+    async with aiohttp.ClientSession() as http:
+        leader = DispatchLeader(
+            settings_,
+            leader_engine,
+            ProviderClient(settings_.provider_url, http),
+            DispatchStats(),
+            Metrics(),
+        )
+        try:
+            await leader.warm()
+            first = await leader_sessions(db, settings_)
+            assert len(first) == LEADER_WARM_CONNECTIONS
+            keeping = asyncio.create_task(leader.keep_warm())
+            try:
+                await end_sessions(db, first)
+                replaced = await until_sessions(db, settings_, LEADER_WARM_CONNECTIONS)
+                await asyncio.sleep(REWARM_EVERY)  # its priming is done within the round
+            finally:
+                keeping.cancel()
+                await asyncio.gather(keeping, return_exceptions=True)
+            assert not replaced & first
+            await assert_primed(leader_engine, replaced)
+
+            # And the next term runs on them: its take-over and lanes open nothing.
+            await enqueue(settings_, ["after-restart-1", "after-restart-2"])
+            async with leading(settings_, token=5, engine=leader_engine):
+                settled = await settle(db, ["after-restart-1", "after-restart-2"])
+                during = await leader_sessions(db, settings_)
+            assert during == replaced, "the term opened sessions of its own"
+            assert_charged_once(provider, settled)
+        finally:
+            await leader_engine.close()
+
+
+async def end_sessions(db: asyncpg.Connection, pids: set[int]) -> None:
+    """End ``pids`` as a Postgres restart (or an operator) would, and wait until they are."""
+    await db.execute("SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid", list(pids))
+    await until_gone(db, pids)
+
+
+async def until_sessions(
+    db: asyncpg.Connection, settings: Settings, count: int, within: float = 10.0
+) -> set[int]:
+    """The leader pool's sessions once there are ``count`` of them."""
+    deadline = time.monotonic() + within
+    while len(found := await leader_sessions(db, settings)) < count:
+        assert time.monotonic() < deadline, f"{len(found)} leader sessions after {within}s"
+        await asyncio.sleep(0.1)
+    return found
