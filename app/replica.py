@@ -198,6 +198,7 @@ async def _leadership(app: web.Application) -> AsyncIterator[None]:
     tasks.append(asyncio.create_task(elector.run(), name="elector"))
     app[TASKS] = tasks
     # Shutdown begins → hand leadership over at once, while the listener still answers 503s.
+    app[LIFECYCLE].on_stopping.append(leader.stop_keeping_warm)
     app[LIFECYCLE].on_stopping.append(elector.resign)
     try:
         yield

@@ -10,6 +10,7 @@ a clean-up after Postgres went away must not hold the lease while nothing is cha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -48,6 +49,9 @@ LEADER_WARM_CONNECTIONS = 3
 # ends them all; without this the next term opened and prepared its sessions inside the
 # handover, which took SIGTERM handovers after a restart from ~0.1 s to 0.25 s.
 REWARM_EVERY = 1.0
+# Longest a new term waits for a warm round under way (it holds the sessions the take-over
+# and the lanes want; a round takes milliseconds, one that replaces sessions a few tens).
+WARM_WAIT = 0.1
 
 
 def stall_limit(settings: Settings) -> float:
@@ -76,7 +80,12 @@ class DispatchLeader:
         self.provider = provider
         self.stats = stats
         self.metrics = metrics
-        self._leading = False
+        # Terms under way: normally 0 or 1, but a term the elector gave up waiting for may
+        # still be ending while the next one runs.
+        self._terms = 0
+        self._warm_idle = asyncio.Event()
+        self._warm_idle.set()
+        self._keeping_warm = True
         self._prime = functools.partial(claims.prime, fence_name=settings.fence_name)
 
     async def warm(self) -> None:
@@ -86,21 +95,35 @@ class DispatchLeader:
         await self.engine.warm(LEADER_WARM_CONNECTIONS, prime=self._prime)
 
     async def keep_warm(self) -> None:
-        """Between terms, ``warm()`` every REWARM_EVERY seconds, until cancelled. During a
-        term the lanes hold their own sessions and replace them as they need."""
-        while True:
+        """Between terms, ``warm()`` every REWARM_EVERY seconds, until cancelled or
+        ``stop_keeping_warm``. During a term the lanes hold their own sessions and replace
+        them as they need."""
+        while self._keeping_warm:
             await asyncio.sleep(REWARM_EVERY)
-            if not self._leading:
+            if self._terms or not self._keeping_warm:
+                continue
+            self._warm_idle.clear()
+            try:
                 await self.warm()
+            finally:
+                self._warm_idle.set()
+
+    async def stop_keeping_warm(self) -> None:
+        """No more warm rounds (shutdown): the sessions are for a term this replica will not
+        lead."""
+        self._keeping_warm = False
 
     async def __call__(self, term: Term) -> None:
         """Lead for ``term``: take over (fence, recovery), then dispatch until the term ends
         or the work stalls."""
-        self._leading = True
+        self._terms += 1
         try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(WARM_WAIT):
+                    await self._warm_idle.wait()
             await self._lead(term)
         finally:
-            self._leading = False
+            self._terms -= 1
 
     async def _lead(self, term: Term) -> None:
         settings = self.settings

@@ -213,15 +213,29 @@ async def prime(raw: Any, *, fence_name: str) -> None:
     19-31 ms inside handovers at 250 payments/s (Postgres statement log of a kept run).
     Prepared here, both are in every warm session's statement cache before any election,
     with the take-over's recovery statement (the fence raise would write; it is short).
+    A session that has all three already is left as it is (one query).
     """
+    # Asked of Postgres, not remembered: the session may be a new one with an old one's pid
+    # (a restarted Postgres hands pids out again from the same start).
+    prepared = await raw.fetchval(
+        "SELECT count(*) FROM pg_prepared_statements WHERE statement = ANY($1::text[])",
+        _PRIMED,
+    )
+    if prepared == len(_PRIMED):
+        return
     token = await raw.fetchval("SELECT token FROM leader_fence WHERE name = $1", fence_name)
     if token is None:
         return  # no fence to assert (a misconfigured name): the replica refuses to start
     await raw.fetch(_CLAIM, fence_name, token, 0, 0.0)
     await raw.fetch(_RECORD, *_record_args(fence_name, token, "", ()))
-    # The take-over's recovery too, for token 0: no fence token is below it (etcd
-    # revisions start at 1), so it re-queues nothing.
+    # The take-over's recovery too, for token 0: the schema keeps every fence token at 0 or
+    # above (a CHECK on the fence, the triggers on the rows), so none is below it and
+    # nothing is re-queued.
     await payments.recover(Connection(raw), token=0, node="")
+
+
+# What ``prime`` prepares, as asyncpg names them in the session (the query text itself).
+_PRIMED = [_CLAIM, _RECORD, payments.RECOVER]
 
 
 async def claim_in(

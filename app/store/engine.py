@@ -149,10 +149,7 @@ class Engine:
         self._pre_ping = pre_ping
         self._pool: Any = None  # asyncpg.Pool
         self._opening = asyncio.Lock()
-        # Backend pids of the sessions ``warm`` primed: a live session keeps its prepared
-        # statements, so only new ones need priming. (A pid Postgres reuses after a restart
-        # would only leave that one session unprimed, as before any priming.)
-        self._primed_sessions: set[int] = set()
+        self._priming_failed = False
 
     @contextlib.asynccontextmanager
     async def connect(self) -> AsyncIterator[Connection]:
@@ -195,49 +192,47 @@ class Engine:
         failure is left for the first real use to meet). A new leader's take-over and its
         lanes (``checkout``) then start with a ping instead of a connection set-up (client
         and server process start, authentication: 40-60 ms here while a failover keeps
-        both cores busy). ``prime`` runs once on each session new to it (bounded by the
-        timeout), to prepare what its later users will run.
+        both cores busy). ``prime`` runs on each (bounded by the timeout), to prepare what
+        its later users will run; it is called on every warm, so it skips what is done.
 
         Called again, it pings the sessions it finds (for a leader's engine) and replaces
-        those a Postgres restart ended, priming only the replacements.
+        those a Postgres restart ended.
         """
-        with contextlib.suppress(Exception):
+        try:
             pool = await self._ready_pool()
-            held = await asyncio.gather(
-                *(self._acquire(pool) for _ in range(connections)), return_exceptions=True
-            )
-            opened = [raw for raw in held if not isinstance(raw, BaseException)]
-            try:
-                if prime is not None:
-                    await self._prime_new(opened, prime)
-            finally:
-                for raw in opened:
-                    await release(pool, raw)
-
-    async def _prime_new(self, opened: list[Any], prime: Callable[[Any], Awaitable[None]]) -> None:
-        new = [raw for raw in opened if _backend(raw) not in self._primed_sessions]
-        if not new:
+        except Exception:
             return
+        held: list[Any] = []
+        try:
+            # One at a time (a ping each, or a connection set-up): all are given back
+            # however this ends, a cancellation included.
+            for _ in range(connections):
+                try:
+                    held.append(await self._acquire(pool))
+                except Exception:
+                    break  # left for the first real use to meet (and report)
+            if prime is not None and held:
+                await self._prime_all(held, prime)
+        finally:
+            for raw in held:
+                await release(pool, raw)
+
+    async def _prime_all(self, held: list[Any], prime: Callable[[Any], Awaitable[None]]) -> None:
         primed = await asyncio.gather(
-            *(self._primed(raw, prime) for raw in new), return_exceptions=True
+            *(self._primed(raw, prime) for raw in held), return_exceptions=True
         )
         failed = [exc for exc in primed if isinstance(exc, BaseException)]
-        if failed:
+        if failed and not self._priming_failed:
             # Not fatal (the first term prepares what it needs), but a priming that always
-            # fails would otherwise only show as slower handovers.
+            # fails would otherwise only show as slower handovers. Once, not every round.
             log.info(
                 "could not prepare %d of %d warm sessions: %s: %s",
                 len(failed),
-                len(new),
+                len(held),
                 type(failed[0]).__name__,
                 failed[0],
             )
-        if len(self._primed_sessions) > 4 * self._size:
-            self._primed_sessions.clear()  # sessions of before a restart: the pool holds _size
-        for raw, outcome in zip(new, primed, strict=True):
-            pid = _backend(raw)
-            if pid is not None and not isinstance(outcome, BaseException):
-                self._primed_sessions.add(pid)
+        self._priming_failed = bool(failed)
 
     async def _primed(self, raw: Any, prime: Callable[[Any], Awaitable[None]]) -> None:
         try:
@@ -323,15 +318,6 @@ async def release(pool: Any, raw: Any) -> None:
         await pool.release(raw, timeout=_RELEASE_BOUND)
     except Exception:
         discard(raw)
-
-
-def _backend(raw: Any) -> int | None:
-    """The server process of a pooled connection (None once it is closed)."""
-    try:
-        pid: int = raw.get_server_pid()
-    except Exception:
-        return None
-    return pid
 
 
 def is_open(raw: Any) -> bool:

@@ -76,8 +76,9 @@ RETURNING id
 """
 
 # Takeover recovery: whatever an older leader left in flight goes back to the queue now,
-# with an 'abandoned' attempt row so the audit trail shows the interrupted call.
-_RECOVER = """
+# with an 'abandoned' attempt row so the audit trail shows the interrupted call. Public for
+# claims.prime, which prepares it on the leader's warm sessions.
+RECOVER = """
 WITH requeued AS (
     UPDATE payments
     SET status = 'pending', next_attempt_at = now(), fence_token = $1,
@@ -164,7 +165,7 @@ async def release_untracked(conn: Connection, *, token: int, known: Collection[i
 async def recover(conn: Connection, *, token: int, node: str) -> list[int]:
     """Re-queue every payment an older leader (token below ``token``) left in flight, now,
     with an 'abandoned' attempt row for each interrupted call; the ids of those payments."""
-    rows = await conn.fetch(_RECOVER, token, node)
+    rows = await conn.fetch(RECOVER, token, node)
     return [int(row["payment_id"]) for row in rows]
 
 
