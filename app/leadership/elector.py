@@ -177,7 +177,7 @@ class Elector:
                 raise LeadershipLost(f"candidate key {key} could not be created or read")
             token = kv.create_revision
             log.info("node %s campaigning (candidate revision %s)", config.node_id, token)
-            await self._race(lost, lost_reason, self._wait_for_predecessors(token))
+            await self._race(lost, lost_reason, self._wait_for_predecessors(key, token))
             if self._term_end.is_set():
                 return
 
@@ -190,10 +190,6 @@ class Elector:
                 ttl=config.lease_ttl,
                 margin=config.margin,
             )
-            if not await self.client.key_exists_with_create_revision(
-                key, token, timeout=term.call_timeout(config.etcd_timeout)
-            ):
-                raise LeadershipLost(f"candidate key {key} vanished before the term began")
             term.ensure_valid()
             await self._lead(term, lost, lost_reason)
         finally:
@@ -353,8 +349,11 @@ class Elector:
         except (EtcdUnavailable, TimeoutError) as exc:
             log.warning("could not revoke lease %x %s (it will expire): %s", lease_id, why, exc)
 
-    async def _wait_for_predecessors(self, my_revision: int) -> None:
-        """Block until no candidate key older than ours remains (etcd's waitDeletes)."""
+    async def _wait_for_predecessors(self, my_key: str, my_revision: int) -> None:
+        """Block until no candidate key older than ours remains (etcd's waitDeletes), in a
+        read that still holds ours, created at ``my_revision``: that read is the check that
+        our key is still the one we created (anything after it, the term's watch on its own
+        key sees, from ``my_revision`` on). Raises LeadershipLost when ours is gone."""
         prefix = self.config.prefix
         while True:
             kvs, revision = await self.client.get_prefix_sorted_by_create(
@@ -374,6 +373,8 @@ class Elector:
                         kv.key,
                     )
             if not older:
+                if not any(kv.key == my_key and kv.create_revision == my_revision for kv in kvs):
+                    raise LeadershipLost(f"candidate key {my_key} vanished before the term began")
                 return
             await self._wait_deleted(older[-1], revision)
 

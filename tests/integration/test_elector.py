@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -178,6 +179,54 @@ async def test_an_operator_taking_the_leader_key_ends_that_term_and_the_next_can
         await asyncio.sleep(0.3)  # a second leader would show up by now
         assert sum(e.is_leader for e in electors) == 1
         assert old.stats.transitions.get("lost", 0) >= 1, old.stats.transitions
+
+
+async def test_a_candidate_whose_key_is_deleted_while_it_waits_never_leads_with_it(
+    etcd: EtcdCluster, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The read that finds no older candidate must also find ours, as created: a token whose
+    # key is gone would fence Postgres for a leader etcd no longer names.
+    subscribers = [Subscriber(), Subscriber()]
+    async with contextlib.AsyncExitStack() as stack:
+        first = await stack.enter_async_context(running(etcd, prefix, "first", subscribers[0]))
+        await until(lambda: first.is_leader, "the first candidate leads")
+        second = await stack.enter_async_context(running(etcd, prefix, "second", subscribers[1]))
+        assert first.term is not None
+        leader_key = first.term.key
+        async with EtcdClient(etcd.endpoints, timeout=1.0) as client:
+
+            async def waiting_keys() -> list[str]:
+                kvs, _ = await client.get_prefix_sorted_by_create(prefix)
+                return [kv.key for kv in kvs if kv.key != leader_key]
+
+            deadline = time.monotonic() + WAIT
+            while not (waiting := await waiting_keys()):
+                assert time.monotonic() < deadline, "the second candidate never campaigned"
+                await asyncio.sleep(0.02)
+            (doomed,) = waiting
+            doomed_kv, _ = await client.get(doomed)
+            assert doomed_kv is not None
+            doomed_token = doomed_kv.create_revision
+        etcdctl = await asyncio.create_subprocess_exec(
+            str(find_etcdctl_binary()),
+            f"--endpoints={','.join(etcd.endpoints)}",
+            "del",
+            doomed,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await etcdctl.communicate()
+        assert etcdctl.returncode == 0, err
+        assert out.strip() == b"1", out
+
+        caplog.set_level(logging.WARNING, logger="app.leadership.elector")
+        first.handover()  # the second candidate reads the prefix: its key is gone
+        await until(
+            lambda: second.term is not None and second.term.token > doomed_token,
+            "the second candidate leads, on a key it created again",
+        )
+        assert doomed_token not in [t.token for t in subscribers[1].terms]
+        assert f"candidate key {doomed} vanished before the term began" in caplog.text
 
 
 async def test_a_failing_subscriber_ends_the_term_and_the_next_term_has_a_higher_token(
