@@ -220,7 +220,9 @@ async def test_a_candidate_whose_key_is_deleted_while_it_waits_never_leads_with_
         assert out.strip() == b"1", out
 
         caplog.set_level(logging.WARNING, logger="app.leadership.elector")
-        first.handover()  # the second candidate reads the prefix: its key is gone
+        # Out of the running (a handover would campaign again, and might lead again first):
+        # the second candidate reads the prefix, finds its key gone, and campaigns anew.
+        await first.resign()
         await until(
             lambda: second.term is not None and second.term.token > doomed_token,
             "the second candidate leads, on a key it created again",
