@@ -324,3 +324,57 @@ async def until_sessions(
         assert time.monotonic() < deadline, f"{len(found)} leader sessions after {within}s"
         await asyncio.sleep(0.1)
     return found
+
+
+async def test_no_warm_round_runs_while_this_replica_leads(
+    db: asyncpg.Connection,
+    provider: HostileProvider,
+    settings_: Settings,
+    engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # During a term the lanes hold their sessions and replace them themselves; a round would
+    # only take pool sessions the term's bookkeeping wants.
+    async with aiohttp.ClientSession() as http:
+        leader = DispatchLeader(
+            settings_,
+            engine,
+            ProviderClient(settings_.provider_url, http),
+            DispatchStats(),
+            Metrics(),
+        )
+        rounds: list[float] = []
+        warm = leader.warm
+
+        async def counted() -> None:
+            rounds.append(time.monotonic())
+            await warm()
+
+        monkeypatch.setattr(leader, "warm", counted)
+        keeping = asyncio.create_task(leader.keep_warm())
+        try:
+            deadline = time.monotonic() + 10 * REWARM_EVERY
+            while not rounds:
+                assert time.monotonic() < deadline, "no warm round between terms"
+                await asyncio.sleep(0.05)
+
+            term, _ = fresh_term(settings_, token=7)
+            leading_task = asyncio.create_task(leader(term))
+            await enqueue(settings_, ["while-leading"])
+            settled = await settle(db, ["while-leading"])
+            began = time.monotonic()
+            await asyncio.sleep(3 * REWARM_EVERY)
+            assert not leading_task.done(), "the term ended by itself"
+            during = [t for t in rounds if t >= began]
+            term.stopping.set()
+            await asyncio.wait_for(leading_task, 10)
+
+            ended = time.monotonic()
+            while not [t for t in rounds if t >= ended]:
+                assert time.monotonic() < ended + 10 * REWARM_EVERY, "no round after the term"
+                await asyncio.sleep(0.05)
+        finally:
+            keeping.cancel()
+            await asyncio.gather(keeping, return_exceptions=True)
+    assert during == [], f"{len(during)} warm rounds ran while this replica led"
+    assert_charged_once(provider, settled)
