@@ -19,7 +19,6 @@ from app.dispatch.leader import (
     LEADER_POOL_SIZE,
     LEADER_WARM_CONNECTIONS,
     REWARM_EVERY,
-    DispatchLeader,
 )
 from app.dispatch.provider import ProviderClient
 from app.obs.metrics import Metrics
@@ -29,7 +28,7 @@ from app.store.engine import Engine, create_engine
 from app.store.fence import raised_fence
 from tests.integration.test_hostile_provider import dispatch_settings, enqueue, rows, settle
 from tests.support.hostile import HostileProvider, first_attempt, hostile_provider
-from tests.support.leading import fresh_term, leading
+from tests.support.leading import dispatch_leader, fresh_term, leading
 
 
 @pytest.fixture
@@ -274,13 +273,7 @@ async def test_between_terms_sessions_postgres_ended_are_replaced_by_primed_ones
     await engine.close()  # the fixture's sessions, opened without priming
     leader_engine = create_engine(settings_, pool_size=LEADER_POOL_SIZE, leader=True)
     async with aiohttp.ClientSession() as http:
-        leader = DispatchLeader(
-            settings_,
-            leader_engine,
-            ProviderClient(settings_.provider_url, http),
-            DispatchStats(),
-            Metrics(),
-        )
+        leader = dispatch_leader(settings_, leader_engine, http)
         try:
             await leader.warm()
             first = await leader_sessions(db, settings_)
@@ -336,13 +329,7 @@ async def test_no_warm_round_runs_while_this_replica_leads(
     # During a term the lanes hold their sessions and replace them themselves; a round would
     # only take pool sessions the term's bookkeeping wants.
     async with aiohttp.ClientSession() as http:
-        leader = DispatchLeader(
-            settings_,
-            engine,
-            ProviderClient(settings_.provider_url, http),
-            DispatchStats(),
-            Metrics(),
-        )
+        leader = dispatch_leader(settings_, engine, http)
         rounds: list[float] = []
         warm = leader.warm
 

@@ -71,6 +71,23 @@ def fresh_term(settings: Settings, token: int) -> tuple[Term, FreshLease]:
     return term, lease
 
 
+def dispatch_leader(
+    settings: Settings,
+    engine: Engine,
+    http: aiohttp.ClientSession,
+    stats: DispatchStats | None = None,
+) -> DispatchLeader:
+    """The dispatch side a replica builds, on ``engine`` (its leader pool), calling the
+    provider of ``settings`` through ``http``."""
+    return DispatchLeader(
+        settings,
+        engine,
+        ProviderClient(settings.provider_url, http),
+        stats if stats is not None else DispatchStats(),
+        Metrics(),
+    )
+
+
 @contextlib.asynccontextmanager
 async def leading(
     settings: Settings, token: int, engine: Engine | None = None
@@ -82,9 +99,7 @@ async def leading(
         engine = create_engine(settings, pool_size=LEADER_POOL_SIZE, leader=True)
     async with aiohttp.ClientSession() as http:
         stats = DispatchStats()
-        leader = DispatchLeader(
-            settings, engine, ProviderClient(settings.provider_url, http), stats, Metrics()
-        )
+        leader = dispatch_leader(settings, engine, http, stats)
         term, lease = fresh_term(settings, token)
         running = Leading(term, asyncio.create_task(leader(term)), lease, stats)
         try:
