@@ -166,7 +166,25 @@ class Settings(BaseSettings):
     # --- dispatcher ---------------------------------------------------------------------
     dispatch_batch_size: int = Field(128, ge=1, le=1000, description="Payments claimed at once.")
     dispatch_concurrency: int = Field(
-        256, ge=1, le=1000, description="Provider calls in flight at once."
+        256,
+        ge=1,
+        le=1000,
+        description="Payments in flight (claimed, not yet recorded) at once, once a term "
+        "has ramped up.",
+    )
+    dispatch_initial_concurrency: int = Field(
+        16,
+        ge=1,
+        le=1000,
+        description="Payments in flight when a term starts (slow start); at or above "
+        "dispatch_concurrency: no ramp.",
+    )
+    dispatch_ramp_seconds: float = Field(
+        4.0,
+        ge=0,
+        le=600,
+        description="Seconds a term takes to ramp from dispatch_initial_concurrency up to "
+        "dispatch_concurrency (exponentially; 0: no ramp).",
     )
     dispatch_poll_interval: float = Field(
         0.5, gt=0, description="Seconds between queue polls when no NOTIFY arrives."

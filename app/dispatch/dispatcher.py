@@ -27,6 +27,7 @@ import structlog
 
 from app.dispatch import reconcile
 from app.dispatch.provider import ProviderClient
+from app.domain.concurrency import SlowStart
 from app.domain.outcome import Charge, storable_text
 from app.domain.payment import Claimed, Outcome
 from app.domain.retry import RetryPolicy
@@ -155,6 +156,14 @@ class Dispatcher:
         self._claimed_at = -CLAIM_GAP
         self._outcome_counters: dict[str, Any] = {}  # metric children, one per outcome
         self._latency = metrics.provider_latency
+        # The term's in-flight limit: a slow start from the term's beginning (why: in
+        # app.domain.concurrency).
+        self._ramp = SlowStart(
+            initial=settings.dispatch_initial_concurrency,
+            ceiling=settings.dispatch_concurrency,
+            ramp=settings.dispatch_ramp_seconds,
+            started=time.monotonic(),
+        )
         self.retry = retry_policy(settings)
         self._wake = asyncio.Event()
         self._outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
@@ -182,7 +191,7 @@ class Dispatcher:
         the fence raise and the recovery (those re-queued payments are due at once): ``run``
         calls the provider for it the moment it starts, with no claim round trip in between.
         If that transaction does not commit, ``forget_first`` must follow."""
-        limit = min(self.settings.dispatch_batch_size, self.settings.dispatch_concurrency)
+        limit = min(self.settings.dispatch_batch_size, self._in_flight_limit())
         self._first = await claim_in(
             conn,
             fence_name=self.settings.fence_name,
@@ -291,9 +300,6 @@ class Dispatcher:
     async def _claim_loop(self, helpers: Sequence[asyncio.Task[None]]) -> None:
         settings = self.settings
         batch_size = settings.dispatch_batch_size
-        # Top up in sizeable batches: refilling one free slot at a time would cost a claim
-        # round trip per payment.
-        low_water = max(1, min(batch_size, settings.dispatch_concurrency) // 4)
         while not self.leadership.stopping.is_set():
             if self._lost is not None:
                 raise self._lost
@@ -303,7 +309,11 @@ class Dispatcher:
             # Cleared before claiming, so a NOTIFY or a recorded batch that lands while we
             # claim still wakes the wait below.
             self._wake.clear()
-            free = settings.dispatch_concurrency - len(self._claimed)
+            limit = self._in_flight_limit()
+            # Top up in sizeable batches: refilling one free slot at a time would cost a
+            # claim round trip per payment.
+            low_water = max(1, min(batch_size, limit) // 4)
+            free = limit - len(self._claimed)
             if free >= low_water or (free > 0 and not self._claimed):
                 want = min(free, batch_size)
                 gap = self._claimed_at + CLAIM_GAP - time.monotonic()
@@ -340,6 +350,11 @@ class Dispatcher:
             )
             for waiter in waiters:
                 waiter.cancel()
+
+    def _in_flight_limit(self) -> int:
+        limit = self._ramp.limit(time.monotonic())
+        self.metrics.concurrency_limit.set(limit)
+        return limit
 
     async def _start_batch(self, batch: list[Claimed]) -> None:
         """Call the provider for a claimed batch, a wave at a time."""

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -47,6 +47,12 @@ class Metrics:
             "paydispatch_provider_calls",
             "Provider calls by outcome (succeeded, declined, failed, retry, unknown).",
             ["outcome"],
+            registry=self.registry,
+        )
+        self.concurrency_limit = Gauge(
+            "paydispatch_dispatch_concurrency_limit",
+            "Payments the leader may keep in flight now (ramping up at a term's start; "
+            "the last term's value on a follower).",
             registry=self.registry,
         )
         self.batch_sizes = Histogram(

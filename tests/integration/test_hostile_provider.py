@@ -184,3 +184,50 @@ async def test_generated_answer_sequences_never_end_wrong(
         async with leading(settings, token=int(time.time() * 1000)):
             settled = await settle(db, list(by_ref))
     assert_never_wrong(provider, settled, final)
+
+
+async def calls_in_flight(
+    database_url: str, db: asyncpg.Connection, *, payments: int, **overrides: Any
+) -> tuple[HostileProvider, int, int]:
+    """Drain ``payments`` through a provider that answers every charge after 0.2 s. Returns
+    the provider, the most calls it had in flight before its first answer (the new leader's
+    first wave) and the most at any time; every payment must end succeeded, once."""
+    references = [f"slow-{uuid.uuid4().hex[:8]}-{n}" for n in range(payments)]
+    async with hostile_provider(lambda body, attempt: None) as provider:
+        provider.latency = 0.2
+        settings = dispatch_settings(database_url, provider.url).model_copy(update=overrides)
+        await enqueue(settings, references)
+        async with leading(settings, token=1):
+            settled = await settle(db, references)
+    assert_never_wrong(provider, settled, final=set())
+    assert {row["status"] for row in settled} == {"succeeded"}
+    assert provider.first_answer_at is not None
+    first_wave = max(n for at, n in provider.arrivals if at < provider.first_answer_at)
+    return provider, first_wave, max(n for _, n in provider.arrivals)
+
+
+async def test_a_new_leader_starts_few_calls_and_ramps_up_to_the_configured_limit(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    # A backlog of 600 and room for 256 in flight: the term still opens with 16 (the
+    # default initial limit: its first wave, before any answer, holds no more), and
+    # ramps up from there (16 -> 256 over 4 s; the backlog takes ~2.5 s at 0.2 s a call).
+    _, first_wave, most = await calls_in_flight(
+        database_url, db, payments=600, dispatch_concurrency=256, dispatch_batch_size=128
+    )
+    assert first_wave <= 16
+    assert most > 64
+
+
+async def test_without_a_ramp_the_first_wave_fills_the_configured_limit(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    _, first_wave, _ = await calls_in_flight(
+        database_url,
+        db,
+        payments=200,
+        dispatch_concurrency=100,
+        dispatch_batch_size=100,
+        dispatch_ramp_seconds=0,
+    )
+    assert first_wave > 16

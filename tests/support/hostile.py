@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -112,6 +113,10 @@ class HostileProvider:
     ledger_fails_for: set[str] = field(default_factory=set)  # keys whose lookup answers 500
     lookups: list[str] = field(default_factory=list)  # keys looked up, in order
     latency: float = 0.0  # seconds every charge request takes before it is answered
+    in_flight: int = 0  # charge requests received and not yet answered
+    # (monotonic time, requests in flight with it) as each charge request arrives
+    arrivals: list[tuple[float, int]] = field(default_factory=list)
+    first_answer_at: float | None = None  # monotonic time the first charge was answered
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def charge(self, key: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -137,7 +142,17 @@ class HostileProvider:
         return charge
 
     async def post_charge(self, request: web.Request) -> web.StreamResponse:
-        """POST /v1/charges."""
+        """POST /v1/charges (counting the requests in flight)."""
+        self.in_flight += 1
+        self.arrivals.append((time.monotonic(), self.in_flight))
+        try:
+            return await self._post_charge(request)
+        finally:
+            self.in_flight -= 1
+            if self.first_answer_at is None:
+                self.first_answer_at = time.monotonic()
+
+    async def _post_charge(self, request: web.Request) -> web.StreamResponse:
         key = request.headers.get("Idempotency-Key", "")
         body = json.loads(await request.read() or b"{}")
         if self.latency:
