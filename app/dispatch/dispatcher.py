@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -74,6 +75,8 @@ CLAIM_GAP = 0.01
 # step made ready before it. A new leader's catch-up batch started all at once held each
 # ingest step behind dozens of calls' connection set-ups.
 CALL_WAVE = 8
+# Shortest wait for the ramp to open room for a claim (rounding must not make it spin).
+RAMP_WAKE_MIN = 0.005
 # Expired provider keys are never claimed (the claim filters them); moving them to
 # needs_reconciliation is bookkeeping, done this often rather than on every claim, and first
 # PARK_FIRST seconds into a term: not between a new leader and its first charge.
@@ -191,6 +194,9 @@ class Dispatcher:
         the fence raise and the recovery (those re-queued payments are due at once): ``run``
         calls the provider for it the moment it starts, with no claim round trip in between.
         If that transaction does not commit, ``forget_first`` must follow."""
+        # The slow start counts from the term's first claim: a take-over retried through
+        # a Postgres outage (building the very backlog the ramp is for) must not use it up.
+        self._ramp = dataclasses.replace(self._ramp, started=time.monotonic())
         limit = min(self.settings.dispatch_batch_size, self._in_flight_limit())
         self._first = await claim_in(
             conn,
@@ -235,6 +241,7 @@ class Dispatcher:
         both connections back (``run`` does on its way out; this is for a term that ended
         between its take-over and ``run``). Idempotent. Cancelled meanwhile, it still
         holds no connection when it ends."""
+        self.metrics.concurrency_limit.set(0)  # not leading: no payment may be in flight
         try:
             connecting, self._connecting = self._connecting, None
             if connecting is not None:
@@ -345,7 +352,7 @@ class Dispatcher:
             ]
             await asyncio.wait(
                 [*waiters, *helpers],
-                timeout=settings.dispatch_poll_interval,
+                timeout=self._claim_wait(),
                 return_when=asyncio.FIRST_COMPLETED,
             )
             for waiter in waiters:
@@ -355,6 +362,17 @@ class Dispatcher:
         limit = self._ramp.limit(time.monotonic())
         self.metrics.concurrency_limit.set(limit)
         return limit
+
+    def _claim_wait(self) -> float:
+        """How long the claim loop may wait for a wake-up: the poll interval, or less while
+        the ramp is opening room on its own (nothing else would wake the loop for it)."""
+        wait = self.settings.dispatch_poll_interval
+        limit = self._ramp.limit(time.monotonic())
+        if limit < self._ramp.ceiling:
+            low_water = max(1, min(self.settings.dispatch_batch_size, limit) // 4)
+            room_at = self._ramp.reaches(len(self._claimed) + low_water)
+            wait = min(wait, max(RAMP_WAKE_MIN, room_at - time.monotonic()))
+        return wait
 
     async def _start_batch(self, batch: list[Claimed]) -> None:
         """Call the provider for a claimed batch, a wave at a time."""

@@ -59,3 +59,12 @@ class SlowStart:
             return self.ceiling
         grown = self.initial * (self.ceiling / self.initial) ** (elapsed / self.ramp)
         return min(self.ceiling, max(self.initial, int(grown)))
+
+    def reaches(self, limit: int) -> float:
+        """The monotonic time from which ``limit(now) >= limit`` (``inf``: never)."""
+        if limit <= self.initial or self.initial >= self.ceiling or self.ramp == 0:
+            return self.started
+        if limit > self.ceiling:
+            return math.inf
+        share = math.log(limit / self.initial) / math.log(self.ceiling / self.initial)
+        return self.started + self.ramp * share

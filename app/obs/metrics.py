@@ -52,7 +52,7 @@ class Metrics:
         self.concurrency_limit = Gauge(
             "paydispatch_dispatch_concurrency_limit",
             "Payments the leader may keep in flight now (ramping up at a term's start; "
-            "the last term's value on a follower).",
+            "0 when not leading).",
             registry=self.registry,
         )
         self.batch_sizes = Histogram(

@@ -88,4 +88,23 @@ def test_the_limit_never_runs_ahead_of_an_even_exponential_ramp(
 ) -> None:
     slow = ramp(initial, ceiling, seconds)
     at = START + share * seconds
-    assert slow.limit(at) <= initial * (ceiling / initial) ** share * (1 + 1e-9)
+    even = initial * (ceiling / initial) ** share
+    assert int(even * (1 - 1e-9)) <= slow.limit(at) <= even * (1 + 1e-9)
+
+
+@GENERATED
+@given(st.integers(1, 64), st.integers(65, 1000), st.floats(0.5, 60), st.integers(1, 1100))
+def test_reaches_names_the_moment_the_limit_gets_there(
+    initial: int, ceiling: int, seconds: float, wanted: int
+) -> None:
+    slow = ramp(initial, ceiling, seconds)
+    at = slow.reaches(wanted)
+    if wanted > ceiling:
+        assert at == math.inf
+        return
+    assert START <= at <= START + seconds
+    # A millisecond on, the limit is there (float rounding may need that much); a
+    # millisecond before a later moment than the start, it was not yet.
+    assert slow.limit(at + 1e-3) >= wanted
+    if at - 1e-3 > START:
+        assert slow.limit(at - 1e-3) < wanted
