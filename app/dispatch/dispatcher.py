@@ -159,8 +159,8 @@ class Dispatcher:
         self._claimed_at = -CLAIM_GAP
         self._outcome_counters: dict[str, Any] = {}  # metric children, one per outcome
         self._latency = metrics.provider_latency
-        # The term's in-flight limit: a slow start from the term's beginning (why: in
-        # app.domain.concurrency).
+        # The term's in-flight limit: a slow start (why: app.domain.concurrency), started
+        # again at the term's first claim (claim_first).
         self._ramp = SlowStart(
             initial=settings.dispatch_initial_concurrency,
             ceiling=settings.dispatch_concurrency,
@@ -364,14 +364,18 @@ class Dispatcher:
         return limit
 
     def _claim_wait(self) -> float:
-        """How long the claim loop may wait for a wake-up: the poll interval, or less while
-        the ramp is opening room on its own (nothing else would wake the loop for it)."""
+        """How long the claim loop may wait for a wake-up: the poll interval, or less when
+        only the ramp holds the next claim back (it opens room on its own, and nothing else
+        would wake the loop for that). A loop that had room and found the queue empty
+        waits for a NOTIFY or the poll, as ever: no polling while the ramp runs."""
         wait = self.settings.dispatch_poll_interval
-        limit = self._ramp.limit(time.monotonic())
-        if limit < self._ramp.ceiling:
-            low_water = max(1, min(self.settings.dispatch_batch_size, limit) // 4)
-            room_at = self._ramp.reaches(len(self._claimed) + low_water)
-            wait = min(wait, max(RAMP_WAKE_MIN, room_at - time.monotonic()))
+        now = time.monotonic()
+        limit = self._ramp.limit(now)
+        low_water = max(1, min(self.settings.dispatch_batch_size, limit) // 4)
+        needed = len(self._claimed) + low_water
+        if needed > limit:
+            # inf (never) past the ceiling: then records and the poll wake the loop.
+            wait = min(wait, max(RAMP_WAKE_MIN, self._ramp.reaches(needed) - now))
         return wait
 
     async def _start_batch(self, batch: list[Claimed]) -> None:

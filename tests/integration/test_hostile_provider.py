@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from app.domain.payment import PaymentRequest
 from app.settings import Settings, load_settings
+from app.store.claims import LeaderLane
 from app.store.ingest import IngestStore
 from tests.conftest import TEST_API_KEY
 from tests.support.hostile import (
@@ -242,3 +243,28 @@ async def test_a_new_leaders_first_wave_holds_the_initial_limit_unless_there_is_
         dispatch_ramp_seconds=ramp_seconds,
     )
     assert fewest <= first_wave <= most
+
+
+async def test_an_idle_term_does_not_poll_the_queue_while_it_ramps_up(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An empty queue and no poll to speak of (30 s): the ramp wakes a claim loop that has
+    # no room for its next claim, never one that found the queue empty. (A first version
+    # woke every 5 ms for the whole ramp and claimed nothing, ~100 times a second.)
+    claims = 0
+    claim = LeaderLane.claim
+
+    async def counted(lane: LeaderLane, *, limit: int, horizon: float, timeout: float) -> Any:
+        nonlocal claims
+        claims += 1
+        return await claim(lane, limit=limit, horizon=horizon, timeout=timeout)
+
+    monkeypatch.setattr(LeaderLane, "claim", counted)
+    async with hostile_provider(lambda body, attempt: None) as provider:
+        settings = dispatch_settings(database_url, provider.url).model_copy(
+            update={"dispatch_poll_interval": 30.0}
+        )
+        async with leading(settings, token=1):
+            await asyncio.sleep(1.5)  # inside the 4 s ramp
+    # The lane's readying claim of 0 and the claim after LISTEN connects; a few to spare.
+    assert claims <= 5
