@@ -317,9 +317,7 @@ class Dispatcher:
             # claim still wakes the wait below.
             self._wake.clear()
             limit = self._in_flight_limit()
-            # Top up in sizeable batches: refilling one free slot at a time would cost a
-            # claim round trip per payment.
-            low_water = max(1, min(batch_size, limit) // 4)
+            low_water = self._low_water(limit)
             free = limit - len(self._claimed)
             if free >= low_water or (free > 0 and not self._claimed):
                 want = min(free, batch_size)
@@ -363,6 +361,11 @@ class Dispatcher:
         self.metrics.concurrency_limit.set(limit)
         return limit
 
+    def _low_water(self, limit: int) -> int:
+        """Fewest free places worth a claim: top up in sizeable batches, since refilling
+        one free place at a time would cost a claim round trip per payment."""
+        return max(1, min(self.settings.dispatch_batch_size, limit) // 4)
+
     def _claim_wait(self) -> float:
         """How long the claim loop may wait for a wake-up: the poll interval, or less when
         only the ramp holds the next claim back (it opens room on its own, and nothing else
@@ -371,8 +374,7 @@ class Dispatcher:
         wait = self.settings.dispatch_poll_interval
         now = time.monotonic()
         limit = self._ramp.limit(now)
-        low_water = max(1, min(self.settings.dispatch_batch_size, limit) // 4)
-        needed = len(self._claimed) + low_water
+        needed = len(self._claimed) + self._low_water(limit)
         if needed > limit:
             # inf (never) past the ceiling: then records and the poll wake the loop.
             wait = min(wait, max(RAMP_WAKE_MIN, self._ramp.reaches(needed) - now))

@@ -47,9 +47,14 @@ class SlowStart:
         if not math.isfinite(self.ramp) or self.ramp < 0:
             raise ValueError(f"the ramp must be a duration in seconds (got {self.ramp})")
 
+    @property
+    def flat(self) -> bool:
+        """True when there is no ramp: the ceiling from the start."""
+        return self.initial >= self.ceiling or self.ramp == 0
+
     def limit(self, now: float) -> int:
         """Payments that may be in flight at monotonic time ``now``."""
-        if self.initial >= self.ceiling or self.ramp == 0:
+        if self.flat:
             return self.ceiling
         # A clock that reads earlier than the start (or NaN) gives the initial limit.
         elapsed = now - self.started
@@ -62,7 +67,7 @@ class SlowStart:
 
     def reaches(self, limit: int) -> float:
         """The monotonic time from which ``limit(now) >= limit`` (``inf``: never)."""
-        if limit <= self.initial or self.initial >= self.ceiling or self.ramp == 0:
+        if limit <= self.initial or self.flat:
             return self.started
         if limit > self.ceiling:
             return math.inf

@@ -190,10 +190,10 @@ async def test_generated_answer_sequences_never_end_wrong(
 
 async def calls_in_flight(
     database_url: str, db: asyncpg.Connection, *, payments: int, **overrides: Any
-) -> tuple[HostileProvider, int, int]:
+) -> tuple[int, int]:
     """Drain ``payments`` through a provider that answers every charge after 0.2 s. Returns
-    the provider, the most calls it had in flight before its first answer (the new leader's
-    first wave) and the most at any time; every payment must end succeeded, once."""
+    the most calls it had in flight before its first answer (the new leader's first wave)
+    and the most at any time; every payment must end succeeded, once."""
     references = [f"slow-{uuid.uuid4().hex[:8]}-{n}" for n in range(payments)]
     async with hostile_provider(lambda body, attempt: None) as provider:
         provider.latency = 0.2
@@ -205,7 +205,7 @@ async def calls_in_flight(
     assert {row["status"] for row in settled} == {"succeeded"}
     assert provider.first_answer_at is not None
     first_wave = max(n for at, n in provider.arrivals if at < provider.first_answer_at)
-    return provider, first_wave, max(n for _, n in provider.arrivals)
+    return first_wave, max(n for _, n in provider.arrivals)
 
 
 async def test_a_new_leader_ramps_up_to_more_calls_in_flight_while_the_backlog_lasts(
@@ -213,7 +213,7 @@ async def test_a_new_leader_ramps_up_to_more_calls_in_flight_while_the_backlog_l
 ) -> None:
     # The defaults: 16 ramping to 256 over 4 s. A backlog of 600 at 0.2 s a call lasts
     # past the second doubling, however fast the box (~2.5 s at best).
-    _, _, most = await calls_in_flight(
+    _, most = await calls_in_flight(
         database_url, db, payments=600, dispatch_concurrency=256, dispatch_batch_size=128
     )
     assert most > 64
@@ -233,7 +233,7 @@ async def test_a_new_leader_ramps_up_to_more_calls_in_flight_while_the_backlog_l
 async def test_a_new_leaders_first_wave_holds_the_initial_limit_unless_there_is_no_ramp(
     database_url: str, db: asyncpg.Connection, ramp_seconds: float, fewest: int, most: int
 ) -> None:
-    _, first_wave, _ = await calls_in_flight(
+    first_wave, _ = await calls_in_flight(
         database_url,
         db,
         payments=200,

@@ -19,7 +19,7 @@ def ramp(initial: int = 16, ceiling: int = 256, seconds: float = 4.0) -> SlowSta
     return SlowStart(initial=initial, ceiling=ceiling, ramp=seconds, started=START)
 
 
-def test_a_term_opens_at_the_initial_limit_and_doubles_each_quarter_of_a_4x_ramp() -> None:
+def test_a_term_opens_at_the_initial_limit_and_doubles_every_second_of_a_4_s_ramp() -> None:
     slow = ramp()  # 16 -> 256 is four doublings over 4 s: one per second
     assert slow.limit(START) == 16
     assert slow.limit(START + 1.0) == 32
