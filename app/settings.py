@@ -152,6 +152,14 @@ class Settings(BaseSettings):
         "grants.",
     )
     db_pool_size: int = Field(10, ge=1, description="Connections in the API's pool.")
+    db_pool_warm: int = Field(
+        8,
+        ge=0,
+        description="Ingest connections opened at start-up and kept open (topped up after "
+        "a Postgres restart), so that a burst finds them ready instead of opening "
+        "connections while a failover keeps the CPUs busy; at most db_pool_size, 0 opens "
+        "them only on demand.",
+    )
     db_timeout: float = Field(
         3.0, gt=0, description="Seconds to wait for a connection or a statement."
     )

@@ -41,6 +41,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         size=settings.db_pool_size,
         timeout=settings.db_timeout,
         server_settings=session_settings(settings, leader=False),
+        warm=settings.db_pool_warm,
     )
     await ingest.open()
     app[ENGINE] = engine

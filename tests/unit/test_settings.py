@@ -103,6 +103,8 @@ def test_the_database_url_gets_the_asyncpg_driver_and_keeps_a_unix_socket_host(
         ("NOTIFY_CHANNEL", "Bad-Channel"),
         ("ALLOW_NO_AUTH", "maybe"),
         ("DISPATCH_BATCH_SIZE", "0"),
+        ("DB_POOL_WARM", "-1"),
+        ("DB_POOL_WARM", "eight"),
         ("DISPATCH_INITIAL_CONCURRENCY", "0"),
         ("DISPATCH_INITIAL_CONCURRENCY", "sixteen"),
         ("DISPATCH_INITIAL_CONCURRENCY", "1001"),
