@@ -838,4 +838,5 @@ class Dispatcher:
             self.settings.notify_channel,
             self._wake.set,
             connect_timeout=self.settings.db_timeout,
+            node_id=self.settings.node_id,
         )

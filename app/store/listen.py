@@ -25,18 +25,24 @@ async def listen_forever(
     wake: Callable[[], None],
     *,
     connect_timeout: float,
+    node_id: str = "",
     retry_delay: float = 0.5,
 ) -> None:
     """LISTEN on ``channel`` and call ``wake`` for every notification, until cancelled.
 
     Reconnects (and LISTENs again) after any connection loss, ``retry_delay`` seconds apart;
     ``wake`` is also called after each successful LISTEN, for whatever was inserted while no
-    one listened.
+    one listened. The session is named ``paydispatch-listen:<node_id>`` in
+    ``pg_stat_activity``.
     """
     while True:
         conn = None
         try:
-            conn = await asyncpg.connect(driver_dsn(database_url), timeout=connect_timeout)
+            conn = await asyncpg.connect(
+                driver_dsn(database_url),
+                timeout=connect_timeout,
+                server_settings={"application_name": f"paydispatch-listen:{node_id}"[:63]},
+            )
             await conn.add_listener(channel, lambda *_: wake())
             closed = asyncio.Event()
             conn.add_termination_listener(lambda *_, ev=closed: ev.set())
