@@ -242,6 +242,12 @@ class Engine:
             discard(raw)  # a statement may still run on it: never hand it on
             raise
 
+    def open_connections(self) -> int:
+        """Connections of the pool open right now, in use or idle. A session Postgres ended
+        (a restart) no longer counts as soon as its socket closes, without a statement."""
+        pool = self._pool
+        return int(pool.get_size()) if pool is not None else 0
+
     async def checkout(self) -> Any:
         """A connection of the pool (pinged, for a leader's engine), held beyond one block
         until ``checkin``: a leader's lane keeps one for its term, so each term starts on an

@@ -14,6 +14,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from app.dispatch import leader as leader_module
 from app.dispatch.dispatcher import Dispatcher, DispatchStats
 from app.dispatch.leader import (
     LEADER_POOL_SIZE,
@@ -327,7 +328,9 @@ async def test_no_warm_round_runs_while_this_replica_leads(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # During a term the lanes hold their sessions and replace them themselves; a round would
-    # only take pool sessions the term's bookkeeping wants.
+    # only take pool sessions the term's bookkeeping wants. (Pings every look here, so that
+    # a round comes between terms without sessions to replace.)
+    monkeypatch.setattr(leader_module, "PING_EVERY", REWARM_EVERY)
     async with aiohttp.ClientSession() as http:
         leader = dispatch_leader(settings_, engine, http)
         rounds: list[float] = []
@@ -365,3 +368,49 @@ async def test_no_warm_round_runs_while_this_replica_leads(
             await asyncio.gather(keeping, return_exceptions=True)
     assert during == [], f"{len(during)} warm rounds ran while this replica led"
     assert_charged_once(provider, settled)
+
+
+async def test_between_terms_open_sessions_are_left_alone_until_the_ping_is_due(
+    db: asyncpg.Connection,
+    provider: HostileProvider,
+    settings_: Settings,
+    engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A term that starts while a round pings the sessions waits for it: with every session
+    # open there is nothing to replace, so no round runs before PING_EVERY; one ended
+    # session brings a round at the next look.
+    monkeypatch.setattr(leader_module, "PING_EVERY", 60.0)
+    await engine.close()
+    leader_engine = create_engine(settings_, pool_size=LEADER_POOL_SIZE, leader=True)
+    async with aiohttp.ClientSession() as http:
+        leader = dispatch_leader(settings_, leader_engine, http)
+        rounds: list[float] = []
+        warm = leader.warm
+
+        async def counted() -> None:
+            rounds.append(time.monotonic())
+            await warm()
+
+        await leader.warm()
+        first = await leader_sessions(db, settings_)
+        assert len(first) == LEADER_WARM_CONNECTIONS
+        monkeypatch.setattr(leader, "warm", counted)
+        keeping = asyncio.create_task(leader.keep_warm())
+        try:
+            await asyncio.sleep(3.5 * REWARM_EVERY)
+            assert rounds == [], f"{len(rounds)} rounds with every warm session open"
+            assert await leader_sessions(db, settings_) == first
+
+            await end_sessions(db, {min(first)})
+            ended = time.monotonic()
+            replaced = await until_sessions(db, settings_, LEADER_WARM_CONNECTIONS)
+            assert rounds, "no round after a session ended"
+            assert rounds[0] - ended < 3 * REWARM_EVERY
+            assert min(first) not in replaced
+            await leader.stop_keeping_warm()
+            await asyncio.wait_for(keeping, 10 * REWARM_EVERY)
+        finally:
+            keeping.cancel()
+            await asyncio.gather(keeping, return_exceptions=True)
+            await leader_engine.close()
