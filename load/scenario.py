@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import json
 import logging
+import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ PROGRESS_EVERY = 5.0
 # plus this much (the load balancer's and the clients' own recovery), at least FAULT_WINDOW.
 FAULT_WINDOW = 3.0
 FAULT_WINDOW_TAIL = 1.0
+# Seconds before a fault whose median queue depth is the level its backlog must drain to.
+DRAIN_BASELINE = 10.0
 ALL_FAULTS = (*LEADER_FAULTS, "etcd-member", "etcd-quorum", "postgres-restart", "provider-restart")
 
 
@@ -525,9 +528,16 @@ def longest_charging_gap(samples: Sequence[Sample]) -> float:
 
 def failover_figures(failover: Failover, samples: Sequence[Sample]) -> dict[str, Any]:
     """A fault's own figures from the samples: token changes while it lasted, and how long
-    until the backlog it caused was gone (queue back at or below its depth at the fault)."""
+    until the backlog it caused was gone: the queue back at or below its usual depth before
+    the fault (the median of the DRAIN_BASELINE seconds before it), or at 5.
+
+    Not the one sample at the fault: under load the queue's depth moves from sample to
+    sample (payments in flight and batched), and a fault that struck at a low moment was
+    reported as draining for 10-20 s while the queue had long been back to its usual level.
+    """
     before = [s for s in samples if s.t <= failover.at]
-    baseline = before[-1].queue_depth if before else 0
+    usual = [s.queue_depth for s in before if s.t >= failover.at - DRAIN_BASELINE]
+    baseline = statistics.median(usual) if usual else 0
     after = [s for s in samples if s.t > failover.at]
     start, end = failover.window
     # From the token that led when the fault struck, through every token seen in its window.

@@ -66,3 +66,35 @@ def test_a_backlog_never_drained_is_reported_as_such() -> None:
     samples = [sample(0, 0, 2), sample(1, 0, 50), sample(2, 0, 80)]
 
     assert failover_figures(Failover("stop", 0.5, 1, None), samples)["drain_s"] is None
+
+
+def test_the_backlog_drains_to_the_usual_depth_before_the_fault_not_to_one_sample() -> None:
+    # Under load the depth moves between samples; the fault struck at a low moment (3).
+    usual = [sample(t / 2, 10 * t, depth) for t, depth in enumerate([20, 25, 18, 22, 3])]
+    after = [
+        sample(2.5, 50, 300, token=2),
+        sample(3.0, 50, 400, token=2),
+        sample(4.0, 90, 120, token=2),
+        sample(5.5, 130, 19, token=2),  # back to its usual ~20, after the window
+        sample(6.5, 170, 4, token=2),  # still above the single sample at the fault (3)
+    ]
+    fault = Failover("kill", at=2.1, old_token=1, seconds=0.1, new_token=2)
+
+    figures = failover_figures(fault, usual + after)
+
+    assert figures["drain_s"] == 3.4
+    assert figures["backlog_peak"] == 400
+
+
+def test_only_the_ten_seconds_before_the_fault_set_the_usual_depth() -> None:
+    # A deep queue 30 s earlier (another fault's backlog) does not lower the bar.
+    samples = [
+        *[sample(t, 0, 500) for t in range(10)],
+        *[sample(t, 10 * t, 4) for t in range(25, 31)],
+        sample(31, 300, 200, token=2),
+        sample(34, 600, 60, token=2),
+        sample(35, 700, 4, token=2),
+    ]
+    fault = Failover("term", at=30.5, old_token=1, seconds=0.1, new_token=2)
+
+    assert failover_figures(fault, samples)["drain_s"] == 4.5
