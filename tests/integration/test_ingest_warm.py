@@ -40,6 +40,13 @@ async def _until(
         await asyncio.sleep(0.05)
 
 
+async def _until_sessions(db: asyncpg.Connection, tag: str, count: int, what: str) -> None:
+    async def there() -> bool:
+        return len(await _sessions(db, tag)) == count
+
+    await _until(there, what)
+
+
 def _store(database_url: str, tag: str, *, size: int, warm: int) -> IngestStore:
     return IngestStore(
         database_url,
@@ -57,11 +64,7 @@ async def test_warm_connections_open_at_start_and_stay_open(
     store = _store(database_url, tag, size=5, warm=3)
     await store.open()
     try:
-
-        async def three() -> bool:
-            return len(await _sessions(db, tag)) == 3
-
-        await _until(three, "three warm sessions")
+        await _until_sessions(db, tag, 3, "three warm sessions")
         assert store.open_connections() == 3
         first = await _sessions(db, tag)
         # A request uses one of them: no new session is opened for it.
@@ -84,11 +87,7 @@ async def test_sessions_postgres_ended_are_replaced(
     store = _store(database_url, tag, size=4, warm=2)
     await store.open()
     try:
-
-        async def two() -> bool:
-            return len(await _sessions(db, tag)) == 2
-
-        await _until(two, "two warm sessions")
+        await _until_sessions(db, tag, 2, "two warm sessions")
         ended = await _sessions(db, tag)
         # What a Postgres restart does to every session, done to ours alone.
         await db.execute(
@@ -115,11 +114,7 @@ async def test_warm_is_capped_at_the_pool_size(database_url: str, db: asyncpg.Co
     store = _store(database_url, tag, size=2, warm=9)
     await store.open()
     try:
-
-        async def two() -> bool:
-            return len(await _sessions(db, tag)) == 2
-
-        await _until(two, "the whole pool of two open")
+        await _until_sessions(db, tag, 2, "the whole pool of two open")
         await asyncio.sleep(1.5)
         assert len(await _sessions(db, tag)) == 2
     finally:

@@ -20,6 +20,7 @@ from app.dispatch.leader import (
     LEADER_POOL_SIZE,
     LEADER_WARM_CONNECTIONS,
     REWARM_EVERY,
+    DispatchLeader,
 )
 from app.dispatch.provider import ProviderClient
 from app.obs.metrics import Metrics
@@ -320,6 +321,19 @@ async def until_sessions(
     return found
 
 
+def count_rounds(leader: DispatchLeader, monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The monotonic instants of ``leader``'s warm rounds from now on."""
+    rounds: list[float] = []
+    warm = leader.warm
+
+    async def counted() -> None:
+        rounds.append(time.monotonic())
+        await warm()
+
+    monkeypatch.setattr(leader, "warm", counted)
+    return rounds
+
+
 async def test_no_warm_round_runs_while_this_replica_leads(
     db: asyncpg.Connection,
     provider: HostileProvider,
@@ -333,14 +347,7 @@ async def test_no_warm_round_runs_while_this_replica_leads(
     monkeypatch.setattr(leader_module, "PING_EVERY", REWARM_EVERY)
     async with aiohttp.ClientSession() as http:
         leader = dispatch_leader(settings_, engine, http)
-        rounds: list[float] = []
-        warm = leader.warm
-
-        async def counted() -> None:
-            rounds.append(time.monotonic())
-            await warm()
-
-        monkeypatch.setattr(leader, "warm", counted)
+        rounds = count_rounds(leader, monkeypatch)
         keeping = asyncio.create_task(leader.keep_warm())
         try:
             deadline = time.monotonic() + 10 * REWARM_EVERY
@@ -385,17 +392,10 @@ async def test_between_terms_open_sessions_are_left_alone_until_the_ping_is_due(
     leader_engine = create_engine(settings_, pool_size=LEADER_POOL_SIZE, leader=True)
     async with aiohttp.ClientSession() as http:
         leader = dispatch_leader(settings_, leader_engine, http)
-        rounds: list[float] = []
-        warm = leader.warm
-
-        async def counted() -> None:
-            rounds.append(time.monotonic())
-            await warm()
-
         await leader.warm()
         first = await leader_sessions(db, settings_)
         assert len(first) == LEADER_WARM_CONNECTIONS
-        monkeypatch.setattr(leader, "warm", counted)
+        rounds = count_rounds(leader, monkeypatch)
         keeping = asyncio.create_task(leader.keep_warm())
         try:
             await asyncio.sleep(3.5 * REWARM_EVERY)
