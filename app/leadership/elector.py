@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 WATCH_RETRY = 0.2
 WATCH_RETRY_MAX = 1.6
 
+# A helper task that outlives its cancellation by CANCEL_ROUND seconds (longer than a watch's
+# own clean-up in etcd) is cancelled again, for at most CANCEL_ROUNDS rounds.
+CANCEL_ROUND = 1.5
+CANCEL_ROUNDS = 6
+
 # The subscriber: work run for one term. It must return or raise when term.stopping is set
 # (graceful resign or handover) and tolerate cancellation (any other loss). Returning while
 # the term is still wanted, or raising, ends the term.
@@ -79,6 +84,10 @@ def step_down_reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timeout"
     return "unexpected_error"
+
+
+def _task_name(task: asyncio.Future[Any]) -> str:
+    return task.get_name() if isinstance(task, asyncio.Task) else repr(task)
 
 
 class Elector:
@@ -227,15 +236,15 @@ class Elector:
         finally:
             own_key.cancel()
             await self._stop_work(term)
-            await asyncio.gather(own_key, return_exceptions=True)
+            await self._cancel_and_wait([own_key])
 
     async def _race(
         self, lost: asyncio.Event, lost_reason: list[str], *aws: Awaitable[None]
     ) -> None:
         """Return when the first of ``aws`` finishes (re-raising its error) or on resign;
         raise LeadershipLost if the lease is lost first. What this starts from ``aws`` it
-        cancels and awaits; tasks passed in stay their owner's (the work task is left to
-        _stop_work, which stops it gracefully or not)."""
+        cancels and awaits (bounded, see _cancel_and_wait); tasks passed in stay their
+        owner's (the work task is left to _stop_work, which stops it gracefully or not)."""
         tasks: list[asyncio.Future[Any]] = [asyncio.ensure_future(aw) for aw in aws]
         lost_task = asyncio.ensure_future(lost.wait())
         resign_task = asyncio.ensure_future(self._term_end.wait())
@@ -250,10 +259,35 @@ class Elector:
                     task.result()
         finally:
             started = [t for t, aw in zip(tasks, aws, strict=True) if t is not aw]
-            helpers = [*started, lost_task, resign_task]
-            for task in helpers:
+            await self._cancel_and_wait([*started, lost_task, resign_task])
+
+    async def _cancel_and_wait(self, tasks: list[asyncio.Future[Any]]) -> None:
+        """Cancel ``tasks`` (those not cancelled yet) and wait for them to end, cancelling
+        again each round those that outlive it: a library can lose a cancellation
+        (``asyncio.wait_for`` on Python 3.11 swallows one that arrives just as what it waits
+        for completes), and the task would then wait on for an etcd event that may never
+        come, holding up the resign. Bounded like _stop_work: logged, not waited for, after
+        CANCEL_ROUNDS rounds."""
+        for task in tasks:
+            if not (isinstance(task, asyncio.Task) and task.cancelling()):
                 task.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+        pending = {task for task in tasks if not task.done()}
+        for _ in range(CANCEL_ROUNDS):
+            if not pending:
+                break
+            _, pending = await asyncio.wait(pending, timeout=CANCEL_ROUND)
+            for task in pending:
+                task.cancel()  # its cancellation was lost (or it is slow): again
+        if pending:
+            log.error(
+                "node %s: %s still running %.0f s after being cancelled",
+                self.config.node_id,
+                ", ".join(sorted(_task_name(task) for task in pending)),
+                CANCEL_ROUNDS * CANCEL_ROUND,
+            )
+        for task in tasks:
+            if task.done() and not task.cancelled():
+                task.exception()  # seen: no "exception was never retrieved" at exit
 
     async def _watch_own_key(self, term: Term) -> None:
         """Raise LeadershipLost when the leader key stops being this term's: deleted, or

@@ -781,6 +781,38 @@ class EtcdClient:
 
     # --- watch -----------------------------------------------------------------------------
 
+    async def _create_watch(self, what: str, op: Callable[[Any], Awaitable[Any]]) -> Any:
+        """``self._call(what, None, op)`` for a watch's creation, in a task of its own.
+
+        aetcd waits for etcd's answer to a watch creation with ``asyncio.wait_for``, which on
+        Python 3.11 swallows a cancellation that arrives while the answer is already in
+        (CPython gh-86296): the watch is created anyway and the cancelled caller goes on to
+        wait for events that may never come, so a resign waiting for it hangs. Here the
+        caller waits with ``asyncio.wait``, which always raises its cancellation; a watch
+        the abandoned creation makes all the same is cancelled in etcd in the background."""
+        creating = asyncio.ensure_future(self._call(what, None, op))
+        try:
+            await asyncio.wait({creating})
+        except BaseException:
+            creating.cancel()
+            creating.add_done_callback(self._cancel_abandoned_watch)
+            raise
+        return creating.result()
+
+    def _cancel_abandoned_watch(self, creating: asyncio.Future[Any]) -> None:
+        if creating.cancelled() or creating.exception() is not None:
+            return  # (exception() also marks the failure as seen)
+        handle = creating.result()
+
+        async def cancel() -> None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(_WATCH_CANCEL_TIMEOUT):
+                    await handle.cancel()
+
+        task = asyncio.get_running_loop().create_task(cancel())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     async def watch(
         self, key_or_prefix: str, *, start_revision: int, prefix: bool = False
     ) -> AsyncGenerator[WatchEvent, None]:
@@ -801,7 +833,7 @@ class EtcdClient:
                 raw, range_end=range_end, start_revision=start_revision, prev_kv=True
             )
 
-        handle = await self._call(what, None, op)
+        handle = await self._create_watch(what, op)
         try:
             try:
                 async for raw_event in handle:

@@ -12,13 +12,13 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psutil
 import pytest
 
 from app.errors import EtcdUnavailable, LeadershipLost
-from app.leadership.etcd import EtcdClient, KeyValue, LeaseNotFound, WatchEvent
+from app.leadership.etcd import EtcdClient, KeyValue, LeaseNotFound, WatchEvent, _Watcher
 from app.stack.etcd import EtcdCluster, EtcdMember, find_etcd_binary
 from app.stack.ports import free_port, free_ports
 
@@ -276,6 +276,43 @@ async def test_cancelling_the_consumer_cancels_the_watch_in_etcd(
     with pytest.raises(asyncio.CancelledError):
         await watcher
     assert await _eventually(released, within=5)
+
+
+async def test_a_consumer_cancelled_just_as_its_watch_is_created_ends_at_once(
+    client: EtcdClient, cluster3: EtcdCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aetcd waits for etcd's "created" answer with asyncio.wait_for, which on Python 3.11
+    # swallows a cancellation that comes in the loop iterations between the answer being
+    # handled and wait_for resuming: the consumer would then wait for events for good (a
+    # follower's resign hung so in CI). Cancel it in exactly that window.
+    baseline = await asyncio.to_thread(_server_watchers, cluster3)
+    _, revision = await client.get(_unique("nothing"))
+    consumer: asyncio.Task[None] | None = None
+    original = _Watcher._handle_response
+
+    async def answer_then_cancel(self: _Watcher, response: Any) -> None:
+        await original(self, response)
+        if response.created and consumer is not None:
+            asyncio.get_running_loop().call_soon(consumer.cancel)
+
+    monkeypatch.setattr(_Watcher, "_handle_response", answer_then_cancel)
+
+    async def consume() -> None:
+        async for _ in client.watch(_unique("quiet"), start_revision=revision + 1):
+            pass
+
+    consumer = asyncio.create_task(consume())
+    done, _ = await asyncio.wait({consumer}, timeout=5)
+    monkeypatch.undo()
+    if not done:
+        consumer.cancel()
+    assert done, "the consumer went on waiting for events after it was cancelled"
+    assert consumer.cancelled()
+
+    async def released() -> bool:
+        return await asyncio.to_thread(_server_watchers, cluster3) == baseline
+
+    assert await _eventually(released, within=5), "the watch created anyway was cancelled"
 
 
 async def test_refresh_after_revoke_raises_lease_not_found(client: EtcdClient) -> None:
