@@ -202,20 +202,11 @@ class Engine:
             pool = await self._ready_pool()
         except Exception:
             return
-        held: list[Any] = []
-        try:
-            # One at a time (a ping each, or a connection set-up): all are given back
-            # however this ends, a cancellation included.
-            for _ in range(connections):
-                try:
-                    held.append(await self._acquire(pool))
-                except Exception:
-                    break  # left for the first real use to meet (and report)
+        # A ping each, or a connection set-up; a failure is left for the first real use to
+        # meet (and report).
+        async with holding(pool, connections, self._acquire) as held:
             if prime is not None and held:
                 await self._prime_all(held, prime)
-        finally:
-            for raw in held:
-                await release(pool, raw)
 
     async def _prime_all(self, held: list[Any], prime: Callable[[Any], Awaitable[None]]) -> None:
         primed = await asyncio.gather(
@@ -243,10 +234,8 @@ class Engine:
             raise
 
     def open_connections(self) -> int:
-        """Connections of the pool open right now, in use or idle. A session Postgres ended
-        (a restart) no longer counts as soon as its socket closes, without a statement."""
-        pool = self._pool
-        return int(pool.get_size()) if pool is not None else 0
+        """Connections of the pool open right now (``open_count``)."""
+        return open_count(self._pool)
 
     async def checkout(self) -> Any:
         """A connection of the pool (pinged, for a leader's engine), held beyond one block
@@ -315,6 +304,35 @@ class Engine:
             await pool.expire_connections()
             return await pool.acquire()
         return raw
+
+
+def open_count(pool: Any) -> int:
+    """Connections of an asyncpg pool (None: not opened yet) open right now, in use or idle.
+    A session Postgres ended (a restart) no longer counts as soon as its socket closes,
+    without a statement."""
+    return int(pool.get_size()) if pool is not None else 0
+
+
+@contextlib.asynccontextmanager
+async def holding(
+    pool: Any, count: int, acquire: Callable[[Any], Awaitable[Any]]
+) -> AsyncIterator[list[Any]]:
+    """Up to ``count`` connections of ``pool`` held for the block, so that the pool opens
+    those it lacks. Taken one at a time with ``acquire(pool)``; the first failure stops the
+    taking (the block gets fewer). All are given back however the block ends, a
+    cancellation included."""
+    held: list[Any] = []
+    try:
+        for _ in range(count):
+            try:
+                held.append(await acquire(pool))
+            except Exception as exc:
+                log.debug("held %d of %d connections (%s)", len(held), count, exc)
+                break
+        yield held
+    finally:
+        for raw in held:
+            await release(pool, raw)
 
 
 async def release(pool: Any, raw: Any) -> None:

@@ -16,14 +16,13 @@ column default (migration 0003), exactly as before.
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 import orjson
 
 from app.domain.payment import Payment, PaymentRequest
 from app.domain.states import PaymentStatus
-from app.store.engine import close_pool, driver_dsn, open_pool, release
+from app.store.engine import close_pool, driver_dsn, holding, open_count, open_pool
 
 _COLUMNS = (
     "id, idempotency_key, request_fingerprint, amount, currency, reference, description, "
@@ -41,8 +40,6 @@ _SELECT_BY_KEY = f"SELECT {_COLUMNS} FROM payments WHERE idempotency_key = $1"
 _STATUSES = {status.value: status for status in PaymentStatus}
 # Seconds between checks that the warm connections are all open.
 WARM_EVERY = 1.0
-
-log = logging.getLogger(__name__)
 
 
 class IngestStore:
@@ -101,7 +98,7 @@ class IngestStore:
 
     def open_connections(self) -> int:
         """Connections the pool holds open right now (0 before ``open``)."""
-        return int(self._pool.get_size()) if self._pool is not None else 0
+        return open_count(self._pool)
 
     async def _keep_warm(self) -> None:
         while True:
@@ -111,20 +108,14 @@ class IngestStore:
 
     async def _fill(self) -> None:
         """Hold ``warm`` connections at once, so the pool opens those it lacks, then give
-        them all back. One at a time: each checkout returns an idle connection or opens
-        one; a failure (Postgres away) ends the round, the next second tries again."""
-        held: list[Any] = []
-        try:
-            for _ in range(self._warm):
-                try:
-                    async with asyncio.timeout(self._timeout):
-                        held.append(await self._pool.acquire())
-                except Exception as exc:  # left to the next round, and to requests
-                    log.debug("ingest connections not warmed (%s)", exc)
-                    return
-        finally:
-            for raw in held:
-                await release(self._pool, raw)
+        them all back (``holding``). A failure (Postgres away) ends the round; the next
+        second tries again, and requests open what they need meanwhile."""
+        async with holding(self._pool, self._warm, self._acquire):
+            pass
+
+    async def _acquire(self, pool: Any) -> Any:
+        async with asyncio.timeout(self._timeout):
+            return await pool.acquire()
 
     async def enqueue(
         self,
