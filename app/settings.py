@@ -170,6 +170,14 @@ class Settings(BaseSettings):
     retry_after_seconds: int = Field(
         2, ge=1, description="Retry-After sent with 503 while Postgres is unavailable."
     )
+    ingest_outage_wait: float = Field(
+        1.5,
+        ge=0,
+        le=60,
+        description="Seconds an ingest request waits for Postgres to answer again (a "
+        "restart, a failover of the database) before it is answered 503; the insert is "
+        "then tried again under the same Idempotency-Key. 0 answers 503 at once.",
+    )
 
     # --- dispatcher ---------------------------------------------------------------------
     dispatch_batch_size: int = Field(128, ge=1, le=1000, description="Payments claimed at once.")

@@ -16,13 +16,24 @@ column default (migration 0003), exactly as before.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from typing import Any
 
 import orjson
 
 from app.domain.payment import Payment, PaymentRequest
 from app.domain.states import PaymentStatus
-from app.store.engine import close_pool, driver_dsn, holding, open_count, open_pool
+from app.store.engine import (
+    close_pool,
+    driver_dsn,
+    holding,
+    is_unavailable,
+    open_count,
+    open_pool,
+)
+
+log = logging.getLogger(__name__)
 
 _COLUMNS = (
     "id, idempotency_key, request_fingerprint, amount, currency, reference, description, "
@@ -40,6 +51,9 @@ _SELECT_BY_KEY = f"SELECT {_COLUMNS} FROM payments WHERE idempotency_key = $1"
 _STATUSES = {status.value: status for status in PaymentStatus}
 # Seconds between checks that the warm connections are all open.
 WARM_EVERY = 1.0
+# Seconds between looks at Postgres while requests wait out an outage (one look for all of
+# them: a connection attempt to a stopped server is refused at once and costs little).
+OUTAGE_PROBE_EVERY = 0.05
 
 
 class IngestStore:
@@ -54,6 +68,14 @@ class IngestStore:
     two shared cores. Each set-up then slowed the requests behind it, which raised the
     concurrency further (measured: up to 15 new Postgres processes in the 150 ms after a
     leader's SIGTERM, in the runs with the slowest fault windows).
+
+    ``outage_wait``: how long a request may wait for Postgres to come back before its error
+    is raised (the web layer answers 503). A restart or a database failover lasts a few
+    seconds; answered at once, every request in it became a client error (a soak's nine
+    Postgres restarts: ~3,400). Waiting is safe because an insert is idempotent by its key:
+    one whose commit was lost with the connection is found again by the retry, and answered
+    as the replay it then is. One probe task looks for Postgres for all waiting requests,
+    so an outage costs no connection attempts per request.
     """
 
     def __init__(
@@ -64,8 +86,13 @@ class IngestStore:
         timeout: float,
         server_settings: dict[str, str] | None = None,
         warm: int = 0,
+        outage_wait: float = 0.0,
     ) -> None:
         self._dsn = driver_dsn(database_url)
+        self._outage_wait = outage_wait
+        self._outage_probe: asyncio.Task[None] | None = None
+        self._back = asyncio.Event()
+        self._closing = False
         self._size = size
         self._warm = min(warm, size)
         self._timeout = timeout
@@ -89,10 +116,14 @@ class IngestStore:
     async def close(self) -> None:
         """Stop the top-ups, then close every connection (bounded: a dead server must not
         hold shutdown)."""
+        self._closing = True
         keeping, self._keeping = self._keeping, None
-        if keeping is not None:
-            keeping.cancel()
-            await asyncio.gather(keeping, return_exceptions=True)
+        probe, self._outage_probe = self._outage_probe, None
+        for task in (keeping, probe):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._back.set()  # requests waiting out an outage give up now, with their error
         if self._pool is not None:
             await close_pool(self._pool)
 
@@ -131,8 +162,25 @@ class IngestStore:
 
         Returns (payment, created). Concurrent identical requests are settled by the unique
         constraint: ON CONFLICT waits for the first inserter, then the SELECT sees its row.
-        Driver errors pass unchanged (the web layer maps an unavailable database to 503).
+        While Postgres is unavailable the insert is tried again once it answers, for up to
+        ``outage_wait`` seconds from the call; then, and for every other failure, the
+        driver's error passes unchanged (the web layer maps an unavailable database to 503).
         """
+        give_up = time.monotonic() + self._outage_wait
+        while True:
+            try:
+                return await self._enqueue_once(key, request, fingerprint, trace_parent)
+            except Exception as exc:
+                if not is_unavailable(exc) or not await self._postgres_back(give_up):
+                    raise
+
+    async def _enqueue_once(
+        self,
+        key: str,
+        request: PaymentRequest,
+        fingerprint: str,
+        trace_parent: str | None,
+    ) -> tuple[Payment, bool]:
         # No acquire timeout: asyncpg implements it with wait_for (a task per request), and
         # the wait is bounded anyway: every statement has command_timeout, every connect
         # attempt the pool's connect timeout.
@@ -154,6 +202,47 @@ class IngestStore:
         if existing is None:  # pragma: no cover - the conflicting row cannot vanish (no deletes)
             raise RuntimeError(f"payment with idempotency key {key!r} conflicted but is missing")
         return _payment(existing), False
+
+    async def _postgres_back(self, give_up: float) -> bool:
+        """Wait until Postgres answers again; False once ``give_up`` (a monotonic instant)
+        passes first, or the store closes."""
+        remaining = give_up - time.monotonic()
+        if remaining <= 0 or self._closing:
+            return False
+        if self._outage_probe is None:
+            self._back.clear()
+            self._outage_probe = asyncio.create_task(self._probe(), name="ingest-outage")
+        try:
+            async with asyncio.timeout(remaining):
+                await self._back.wait()
+        except TimeoutError:
+            return False
+        return not self._closing
+
+    async def _probe(self) -> None:
+        """Look at Postgres every OUTAGE_PROBE_EVERY seconds until it answers, then wake every
+        waiting request. Ends on any other failure too: the requests then meet it
+        themselves and report it."""
+        started = time.monotonic()
+        log.warning(
+            "Postgres unavailable: ingest requests wait for it (up to %.1fs each)",
+            self._outage_wait,
+        )
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self._timeout):
+                        async with self._pool.acquire() as conn:
+                            await conn.fetchval("SELECT 1")
+                    log.info("Postgres answers again after %.2fs", time.monotonic() - started)
+                    return
+                except Exception as exc:
+                    if not is_unavailable(exc):
+                        return
+                await asyncio.sleep(OUTAGE_PROBE_EVERY)
+        finally:
+            self._outage_probe = None
+            self._back.set()
 
 
 def _payment(row: Any) -> Payment:

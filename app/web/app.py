@@ -42,6 +42,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         timeout=settings.db_timeout,
         server_settings=session_settings(settings, leader=False),
         warm=settings.db_pool_warm,
+        outage_wait=settings.ingest_outage_wait,
     )
     await ingest.open()
     app[ENGINE] = engine

@@ -263,8 +263,15 @@ async def test_postgres_restart_mid_run_resumes_dispatch_and_ingest_says_503(
         await admin_execute(
             server, f"CREATE ROLE {REPLICA_LOGIN} LOGIN IN ROLE {settings.replica_role}"
         )
+        # Ingest answers at once instead of waiting the outage out (its default): this test
+        # is about the 503 path; test_ingest_postgres_restart covers the wait.
         with start_cluster(
-            url, etcd, provider.base_url, tmp_path, PAYDISPATCH_DB_TIMEOUT="1"
+            url,
+            etcd,
+            provider.base_url,
+            tmp_path,
+            PAYDISPATCH_DB_TIMEOUT="1",
+            PAYDISPATCH_INGEST_OUTAGE_WAIT="0",
         ) as replicas:
             loader = asyncio.create_task(
                 post_payments(

@@ -1,4 +1,6 @@
-"""Ingest while Postgres restarts: 503 with Retry-After (never 500), nothing acknowledged lost."""
+"""Ingest while Postgres restarts: requests wait the outage out (``ingest_outage_wait``), or
+get 503 with Retry-After once it outlasts the wait (never 500); nothing acknowledged is lost,
+and every key is one payment."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from app.stack.ports import free_port
 from app.stack.postgres import PostgresServer
 from app.store.migrate import migrate
 from app.web.app import create_app
+from app.web.state import INGEST
 from tests.conftest import postgres_dir
 
 
@@ -31,25 +34,17 @@ async def own_server() -> AsyncIterator[PostgresServer]:
         await asyncio.to_thread(server.destroy)
 
 
-async def test_postgres_restart_during_ingest_answers_503_and_loses_nothing(
-    own_server: PostgresServer,
-) -> None:
-    settings = load_settings(
-        database_url=own_server.url("postgres"), port=free_port(), db_timeout=1.0, api_keys="k"
-    )
-    await migrate(settings)
-    app = create_app(settings)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", settings.port).start()
+class Client:
+    """Posts payments to one replica and keeps what it was told."""
 
-    acknowledged: dict[str, int] = {}
-    unavailable: list[str] = []
-    statuses: list[int] = []
-    restarted = asyncio.Event()
+    def __init__(self, http: aiohttp.ClientSession) -> None:
+        self.http = http
+        self.acknowledged: dict[str, int] = {}
+        self.unavailable: list[str] = []
+        self.statuses: list[int] = []
 
-    async def post(http: aiohttp.ClientSession, key: str) -> int:
-        async with http.post(
+    async def post(self, key: str) -> int:
+        async with self.http.post(
             "/v1/payments",
             data=json.dumps({"amount": 100, "currency": "EUR"}),
             headers={
@@ -60,48 +55,142 @@ async def test_postgres_restart_during_ingest_answers_503_and_loses_nothing(
         ) as resp:
             payload = await resp.json(content_type=None)
             if resp.status in (200, 202):
-                acknowledged[key] = payload["id"]
+                self.acknowledged[key] = payload["id"]
             elif resp.status == 503:
                 assert resp.headers["Retry-After"].isdigit()
                 assert resp.headers["Content-Type"].startswith("application/problem+json")
             return resp.status
 
-    async def load(http: aiohttp.ClientSession) -> None:
-        # Bounded in count and time; ends once ingest has recovered after the restart.
+    async def load(self, prefix: str, restarted: asyncio.Event, posters: int = 4) -> None:
+        """``posters`` clients posting new keys until 20 requests each were answered after
+        the restart. Bounded in count and time."""
         deadline = time.monotonic() + 30
-        recovered = 0
-        for i in range(5000):
-            if time.monotonic() > deadline or recovered >= 20:
-                break
-            key = f"restart-{i}"
-            status = await post(http, key)
-            statuses.append(status)
-            if status == 503:
-                unavailable.append(key)
-            elif restarted.is_set():
-                recovered += 1
-            await asyncio.sleep(0.005)
 
+        async def poster(n: int) -> None:
+            recovered = 0
+            for i in range(2000):
+                if time.monotonic() > deadline or recovered >= 20:
+                    break
+                key = f"{prefix}-{n}-{i}"
+                status = await self.post(key)
+                self.statuses.append(status)
+                if status == 503:
+                    self.unavailable.append(key)
+                elif restarted.is_set():
+                    recovered += 1
+                await asyncio.sleep(0.005)
+
+        await asyncio.gather(*(poster(n) for n in range(posters)))
+
+
+async def _serve(server: PostgresServer, outage_wait: float) -> web.AppRunner:
+    settings = load_settings(
+        database_url=server.url("postgres"),
+        port=free_port(),
+        db_timeout=1.0,
+        api_keys="k",
+        ingest_outage_wait=outage_wait,
+    )
+    await migrate(settings)
+    runner = web.AppRunner(create_app(settings))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", settings.port).start()
+    return runner
+
+
+def _url(runner: web.AppRunner) -> str:
+    port = runner.addresses[0][1]
+    return f"http://127.0.0.1:{port}"
+
+
+async def _stored(server: PostgresServer) -> dict[str, int]:
+    conn = await asyncpg.connect(server.url("postgres"))
     try:
-        async with aiohttp.ClientSession(f"http://127.0.0.1:{settings.port}") as http:
-            loader = asyncio.create_task(load(http))
-            await asyncio.sleep(0.3)
-            await asyncio.to_thread(own_server.restart, 1.5)
-            restarted.set()
-            await asyncio.wait_for(loader, 60)
-
-            assert set(statuses) <= {202, 503}, f"unexpected statuses {sorted(set(statuses))}"
-            assert unavailable, "the restart window produced no 503: the test did not bite"
-            # Clients retry what got 503 with the same key: each becomes exactly one payment.
-            for key in unavailable:
-                assert await post(http, key) in (200, 202)
-    finally:
-        await runner.cleanup()
-
-    conn = await asyncpg.connect(own_server.url("postgres"))
-    try:
-        rows = dict(await conn.fetch("SELECT idempotency_key, id FROM payments"))
+        return dict(await conn.fetch("SELECT idempotency_key, id FROM payments"))
     finally:
         await conn.close()
-    assert all(rows.get(key) == payment_id for key, payment_id in acknowledged.items())
-    assert len(rows) == len(acknowledged)
+
+
+async def _restart_under_load(server: PostgresServer, runner: web.AppRunner, prefix: str) -> Client:
+    restarted = asyncio.Event()
+    async with aiohttp.ClientSession(_url(runner)) as http:
+        client = Client(http)
+        loader = asyncio.create_task(client.load(prefix, restarted))
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(server.restart, 1.5)
+        restarted.set()
+        await asyncio.wait_for(loader, 60)
+        # Clients retry what got 503 with the same key: each becomes exactly one payment.
+        for key in client.unavailable:
+            assert await client.post(key) in (200, 202)
+    return client
+
+
+async def test_postgres_restart_without_waiting_answers_503_and_loses_nothing(
+    own_server: PostgresServer,
+) -> None:
+    runner = await _serve(own_server, outage_wait=0)
+    try:
+        client = await _restart_under_load(own_server, runner, "no-wait")
+    finally:
+        await runner.cleanup()
+    assert set(client.statuses) <= {202, 503}, f"unexpected {sorted(set(client.statuses))}"
+    assert client.unavailable, "the restart window produced no 503: the test did not bite"
+    rows = await _stored(own_server)
+    assert all(rows.get(key) == pid for key, pid in client.acknowledged.items())
+    assert len(rows) == len(client.acknowledged)
+
+
+async def test_requests_wait_out_a_postgres_restart(own_server: PostgresServer) -> None:
+    # 1.5 s down plus a stop and a start: well inside 10 s.
+    runner = await _serve(own_server, outage_wait=10.0)
+    try:
+        client = await _restart_under_load(own_server, runner, "wait")
+    finally:
+        await runner.cleanup()
+    # Requests were in flight when Postgres went away (some answers were lost with their
+    # connections and found again by the retry: those are 200s, replays of their key).
+    assert not client.unavailable, f"{len(client.unavailable)} requests got 503"
+    assert set(client.statuses) <= {200, 202}, f"unexpected {sorted(set(client.statuses))}"
+    rows = await _stored(own_server)
+    assert all(rows.get(key) == pid for key, pid in client.acknowledged.items())
+    assert len(rows) == len(client.acknowledged)
+
+
+async def test_an_outage_longer_than_the_wait_answers_503(own_server: PostgresServer) -> None:
+    runner = await _serve(own_server, outage_wait=0.5)
+    try:
+        async with aiohttp.ClientSession(_url(runner)) as http:
+            client = Client(http)
+            assert await client.post("before") == 202
+            await asyncio.to_thread(own_server.stop)
+            try:
+                started = time.monotonic()
+                assert await client.post("during") == 503
+                # It waited for Postgres before giving up.
+                assert time.monotonic() - started >= 0.5
+            finally:
+                await asyncio.to_thread(own_server.start)
+            assert await client.post("during") == 202
+    finally:
+        await runner.cleanup()
+    assert set(await _stored(own_server)) == {"before", "during"}
+
+
+async def test_closing_ends_the_wait(own_server: PostgresServer) -> None:
+    """Shutdown does not sit out the wait: a request waiting for Postgres gets its error."""
+    runner = await _serve(own_server, outage_wait=30.0)
+    app = runner.app
+    try:
+        async with aiohttp.ClientSession(_url(runner)) as http:
+            await asyncio.to_thread(own_server.stop)
+            try:
+                waiting = asyncio.create_task(Client(http).post("during-close"))
+                await asyncio.sleep(0.5)
+                assert not waiting.done()
+                await app[INGEST].close()
+                assert await asyncio.wait_for(waiting, 5) == 503
+            finally:
+                await asyncio.to_thread(own_server.start)
+    finally:
+        await runner.cleanup()
