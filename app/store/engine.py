@@ -462,6 +462,26 @@ def is_unavailable(exc: BaseException) -> bool:
     }
 
 
+def is_outage(exc: BaseException) -> bool:
+    """True when ``exc`` says the *connection* to Postgres failed: refused, reset, closed
+    under a statement, or the server shutting down or starting up (SQLSTATE 08, 57P).
+
+    Narrower than ``is_unavailable`` on purpose: this decides whether waiting for Postgres
+    to come back and trying again can help. A timeout means a slow server, not an absent
+    one, and too many connections (53300) or a driver interface error would only be met
+    again. asyncpg's InternalClientError ("cannot switch to state ...") is what a restart
+    gives a statement whose session the server ended under it (seen in the restart tests).
+    """
+    if isinstance(exc, TimeoutError):  # an OSError subclass, but a slow server's sign
+        return False
+    if isinstance(exc, OSError):
+        return True
+    state = sqlstate_of(exc)
+    if state is not None:
+        return state.startswith(("08", "57P"))
+    return type(exc).__name__ == "InternalClientError"
+
+
 @contextlib.contextmanager
 def typed_errors() -> Iterator[None]:
     """Re-raise a driver failure inside the block as the typed error it stands for

@@ -16,10 +16,12 @@ column default (migration 0003), exactly as before.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
 
+import asyncpg
 import orjson
 
 from app.domain.payment import Payment, PaymentRequest
@@ -28,7 +30,7 @@ from app.store.engine import (
     close_pool,
     driver_dsn,
     holding,
-    is_unavailable,
+    is_outage,
     open_count,
     open_pool,
 )
@@ -52,8 +54,18 @@ _STATUSES = {status.value: status for status in PaymentStatus}
 # Seconds between checks that the warm connections are all open.
 WARM_EVERY = 1.0
 # Seconds between looks at Postgres while requests wait out an outage (one look for all of
-# them: a connection attempt to a stopped server is refused at once and costs little).
+# them: a connection attempt to a stopped server is refused at once and costs little). The
+# first look waits this long too, so that a failure the look cannot see (Postgres accepts
+# connections but the insert still fails) is not retried in a tight loop.
 OUTAGE_PROBE_EVERY = 0.05
+# Once an outage has lasted OUTAGE_HOLD times the wait, new requests are answered at once
+# until it ends. Not after one wait: a restart of ~2 s against the default wait of 1.5 s
+# would then turn the requests of its last half second into errors (a load balancer's
+# retries, on replicas that all see the same outage, would be answered at once too).
+OUTAGE_HOLD = 2
+# Tries of one insert within its wait: an outage that ends and begins again is waited out
+# again, a failure that a working Postgres keeps giving is not retried for long.
+OUTAGE_TRIES = 3
 
 
 class IngestStore:
@@ -70,12 +82,14 @@ class IngestStore:
     leader's SIGTERM, in the runs with the slowest fault windows).
 
     ``outage_wait``: how long a request may wait for Postgres to come back before its error
-    is raised (the web layer answers 503). A restart or a database failover lasts a few
-    seconds; answered at once, every request in it became a client error (a soak's nine
-    Postgres restarts: ~3,400). Waiting is safe because an insert is idempotent by its key:
-    one whose commit was lost with the connection is found again by the retry, and answered
-    as the replay it then is. One probe task looks for Postgres for all waiting requests,
-    so an outage costs no connection attempts per request.
+    is raised (the web layer answers 503). A restart lasts a couple of seconds; answered at
+    once, every request in it became a client error (a soak's nine Postgres restarts:
+    ~3,400). Waiting is safe because an insert is idempotent by its key: one whose commit
+    was lost with the connection is found by the retry, and answered as the replay it then
+    is. Only connection failures are waited out (``is_outage``); one probe looks for
+    Postgres for all waiting requests; once an outage has lasted OUTAGE_HOLD waits, new
+    requests are answered at once until Postgres is back (a long outage must not hold every
+    request, on every replica a load balancer retries it on, for the whole wait).
     """
 
     def __init__(
@@ -91,6 +105,7 @@ class IngestStore:
         self._dsn = driver_dsn(database_url)
         self._outage_wait = outage_wait
         self._outage_probe: asyncio.Task[None] | None = None
+        self._outage_began = 0.0  # monotonic, while a probe runs
         self._back = asyncio.Event()
         self._closing = False
         self._size = size
@@ -116,16 +131,26 @@ class IngestStore:
     async def close(self) -> None:
         """Stop the top-ups, then close every connection (bounded: a dead server must not
         hold shutdown)."""
-        self._closing = True
+        self.stop_waiting()
         keeping, self._keeping = self._keeping, None
         probe, self._outage_probe = self._outage_probe, None
         for task in (keeping, probe):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-        self._back.set()  # requests waiting out an outage give up now, with their error
         if self._pool is not None:
             await close_pool(self._pool)
+
+    def stop_waiting(self) -> None:
+        """Shutdown has begun: requests waiting for Postgres give up now (the web layer
+        answers them 503, which a load balancer retries elsewhere), and none waits again."""
+        self._closing = True
+        self._back.set()
+
+    @property
+    def waiting_for_postgres(self) -> bool:
+        """True while an outage is being waited out (a probe looks for Postgres)."""
+        return self._outage_probe is not None
 
     def open_connections(self) -> int:
         """Connections the pool holds open right now (0 before ``open``)."""
@@ -162,17 +187,27 @@ class IngestStore:
 
         Returns (payment, created). Concurrent identical requests are settled by the unique
         constraint: ON CONFLICT waits for the first inserter, then the SELECT sees its row.
-        While Postgres is unavailable the insert is tried again once it answers, for up to
-        ``outage_wait`` seconds from the call; then, and for every other failure, the
-        driver's error passes unchanged (the web layer maps an unavailable database to 503).
+        After a connection failure the insert is tried again once Postgres answers, for up
+        to ``outage_wait`` seconds from the call (a retry's own connection wait and
+        statements are bounded by the store's timeout, as every attempt's are); then, and
+        for every other failure, the driver's error passes unchanged (the web layer maps an
+        unavailable database to 503).
         """
         give_up = time.monotonic() + self._outage_wait
+        tries = 1
         while True:
             try:
-                return await self._enqueue_once(key, request, fingerprint, trace_parent)
+                return await self._enqueue_once(
+                    key, request, fingerprint, trace_parent, retry=tries > 1
+                )
             except Exception as exc:
-                if not is_unavailable(exc) or not await self._postgres_back(give_up):
+                if (
+                    tries >= OUTAGE_TRIES
+                    or not is_outage(exc)
+                    or not await self._postgres_back(give_up)
+                ):
                     raise
+                tries += 1
 
     async def _enqueue_once(
         self,
@@ -180,11 +215,15 @@ class IngestStore:
         request: PaymentRequest,
         fingerprint: str,
         trace_parent: str | None,
+        *,
+        retry: bool,
     ) -> tuple[Payment, bool]:
-        # No acquire timeout: asyncpg implements it with wait_for (a task per request), and
-        # the wait is bounded anyway: every statement has command_timeout, every connect
-        # attempt the pool's connect timeout.
-        async with self._pool.acquire() as conn:
+        # No acquire timeout on a first try: asyncpg implements it with wait_for (a task per
+        # request), and the wait is bounded anyway: every statement has command_timeout,
+        # every connect attempt the pool's connect timeout. A retry has one: it follows an
+        # outage with every waiting request at once, all queueing for the pool.
+        acquire = self._pool.acquire(timeout=self._timeout) if retry else self._pool.acquire()
+        async with acquire as conn:
             row = await conn.fetchrow(
                 _INSERT,
                 key,
@@ -204,42 +243,52 @@ class IngestStore:
         return _payment(existing), False
 
     async def _postgres_back(self, give_up: float) -> bool:
-        """Wait until Postgres answers again; False once ``give_up`` (a monotonic instant)
-        passes first, or the store closes."""
-        remaining = give_up - time.monotonic()
-        if remaining <= 0 or self._closing:
+        """Wait until Postgres answers again; False at once when the outage has already
+        lasted OUTAGE_HOLD waits or shutdown has begun, and False when ``give_up`` (a
+        monotonic instant) passes first."""
+        now = time.monotonic()
+        if self._closing or now >= give_up:
             return False
         if self._outage_probe is None:
             self._back.clear()
+            self._outage_began = now
             self._outage_probe = asyncio.create_task(self._probe(), name="ingest-outage")
+        elif now - self._outage_began >= OUTAGE_HOLD * self._outage_wait:
+            return False
         try:
-            async with asyncio.timeout(remaining):
+            async with asyncio.timeout(give_up - now):
                 await self._back.wait()
         except TimeoutError:
             return False
         return not self._closing
 
     async def _probe(self) -> None:
-        """Look at Postgres every OUTAGE_PROBE_EVERY seconds until it answers, then wake every
-        waiting request. Ends on any other failure too: the requests then meet it
-        themselves and report it."""
-        started = time.monotonic()
+        """Every OUTAGE_PROBE_EVERY seconds, open a session of its own (the pool's may be
+        ones Postgres ended) until one opens; then wake every waiting request. Ends on a
+        failure that is no outage too: the requests then meet it themselves and report it."""
         log.warning(
             "Postgres unavailable: ingest requests wait for it (up to %.1fs each)",
             self._outage_wait,
         )
         try:
             while True:
-                try:
-                    async with asyncio.timeout(self._timeout):
-                        async with self._pool.acquire() as conn:
-                            await conn.fetchval("SELECT 1")
-                    log.info("Postgres answers again after %.2fs", time.monotonic() - started)
-                    return
-                except Exception as exc:
-                    if not is_unavailable(exc):
-                        return
                 await asyncio.sleep(OUTAGE_PROBE_EVERY)
+                try:
+                    conn = await asyncpg.connect(
+                        self._dsn, timeout=self._timeout, server_settings=self._server_settings
+                    )
+                except Exception as exc:
+                    if is_outage(exc) or isinstance(exc, TimeoutError):
+                        continue
+                    log.warning("Postgres answers again, with an error: %s", exc)
+                    return
+                with contextlib.suppress(Exception):  # it opened: that is the answer
+                    await conn.close(timeout=self._timeout)
+                log.info(
+                    "Postgres answers again after %.2fs",
+                    time.monotonic() - self._outage_began,
+                )
+                return
         finally:
             self._outage_probe = None
             self._back.set()

@@ -55,6 +55,9 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _mark_shutting_down(app: web.Application) -> None:
+    # First, and before the server waits for the requests in flight: one waiting out a
+    # Postgres outage would otherwise hold the shutdown for its whole wait.
+    app[INGEST].stop_waiting()
     await app[LIFECYCLE].begin_shutdown()
 
 

@@ -19,6 +19,7 @@ class CuttableProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
         self.listen_port = 0
+        self._lose_reply: bytes | None = None
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -39,6 +40,11 @@ class CuttableProxy:
     def heal(self) -> None:
         self.is_cut = False
 
+    def lose_reply_with(self, marker: bytes) -> None:
+        """The next answer from the server that contains ``marker`` is never delivered: its
+        connection is cut instead. The server did the work; its client cannot know."""
+        self._lose_reply = marker
+
     async def close(self) -> None:
         self.cut()
         if self._server is not None:
@@ -56,14 +62,22 @@ class CuttableProxy:
             return
         self._writers |= {writer, up_writer}
 
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        async def pipe(
+            source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, replies: bool
+        ) -> None:
             with contextlib.suppress(ConnectionError, OSError):
                 while data := await source.read(65536):
+                    if replies and self._lose_reply is not None and self._lose_reply in data:
+                        self._lose_reply = None
+                        up_writer.transport.abort()
+                        break
                     sink.write(data)
                     await sink.drain()
             sink.transport.abort()
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await asyncio.gather(
+            pipe(reader, up_writer, replies=False), pipe(up_reader, writer, replies=True)
+        )
         self._writers -= {writer, up_writer}
 
 

@@ -11,7 +11,13 @@ import pytest
 import sqlalchemy.exc
 
 from app.errors import DatabaseUnavailable, StaleLeader, TerminalStateViolation
-from app.store.engine import IntegrityViolation, is_unavailable, sqlstate_of, translate
+from app.store.engine import (
+    IntegrityViolation,
+    is_outage,
+    is_unavailable,
+    sqlstate_of,
+    translate,
+)
 
 
 class DriverError(Exception):
@@ -191,3 +197,50 @@ def test_an_unreachable_postgres_without_a_message_is_named_by_its_type() -> Non
 )
 def test_anything_else_is_left_unclassified(exc: BaseException) -> None:
     assert translate(exc) is None
+
+
+# --- is_outage: what ingest waits out (a connection failure), and what it does not -----------
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ConnectionRefusedError(111, "Connection refused"),
+        ConnectionResetError(104, "Connection reset by peer"),
+        OSError(113, "No route to host"),
+        asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+        postgres_error("57P01", "terminating connection due to administrator command"),
+        postgres_error("57P03", "the database system is starting up"),
+        postgres_error("08006", "connection failure"),
+        # asyncpg's words for a statement whose session a restart ended under it.
+        asyncpg.exceptions._base.InternalClientError(
+            "cannot switch to state 12; another operation (2) is in progress"
+        ),
+    ],
+    ids=repr,
+)
+def test_a_connection_that_failed_or_a_server_restarting_is_an_outage(
+    exc: BaseException,
+) -> None:
+    assert is_outage(exc)
+    assert is_unavailable(exc)  # an outage is always unavailability too
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        # A slow server, not an absent one: waiting for it to "come back" proves nothing.
+        TimeoutError(),
+        postgres_error("53300", "sorry, too many clients already"),
+        # Driver state errors would be met again on the next try.
+        asyncpg.InterfaceError("cannot perform operation: another operation is in progress"),
+        postgres_error("23505", "duplicate key value violates unique constraint"),
+        postgres_error("PDF01", "fence token 3 < 7"),
+        ValueError("a bug"),
+    ],
+    ids=repr,
+)
+def test_a_slow_server_a_driver_state_error_or_a_bad_query_is_no_outage(
+    exc: BaseException,
+) -> None:
+    assert not is_outage(exc)
