@@ -118,8 +118,9 @@ FORBIDDEN: Final = _problem(
     "A valid API key that is not an admin key (PAYDISPATCH_ADMIN_API_KEYS)."
 )
 DATABASE_UNAVAILABLE: Final = _problem(
-    "Postgres is unavailable: nothing was stored or read. Retry the same request (with the "
-    "same `Idempotency-Key`) after `Retry-After` seconds.",
+    "Postgres is unavailable: the request may not have been stored. Retry the same request "
+    "(with the same `Idempotency-Key`) after `Retry-After` seconds: it is stored once either "
+    "way (a payment stored before the connection failed is answered 200).",
     RETRY_AFTER,
 )
 PAYMENT_NOT_FOUND: Final = _problem("No payment has this id (unknown or malformed id).")

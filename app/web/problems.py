@@ -20,9 +20,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # The driver's message names hosts, ports, socket paths and users: it is logged, and the
 # client is told only what to do.
+# Not "nothing was stored": an insert can commit just before its connection fails, and its
+# answer is then lost. The retry under the same key finds it (200, the same payment).
 DATABASE_UNAVAILABLE_DETAIL = (
-    "Postgres is unavailable; nothing was stored. Retry the same request (same "
-    "Idempotency-Key) after Retry-After seconds"
+    "Postgres is unavailable; the request may not have been stored. Retry the same request "
+    "(same Idempotency-Key) after Retry-After seconds: it is stored once either way"
 )
 LEADER_CHANGED_DETAIL = (
     "a new leader took over while this was being written, and the database refused the write "
