@@ -105,7 +105,8 @@ class IngestStore:
         self._dsn = driver_dsn(database_url)
         self._outage_wait = outage_wait
         self._outage_probe: asyncio.Task[None] | None = None
-        self._outage_began = 0.0  # monotonic, while a probe runs
+        self._outage_began = 0.0  # monotonic: when the outage under way began
+        self._outage_ended = -1e9  # monotonic: when the last probe saw Postgres answer
         self._back = asyncio.Event()
         self._closing = False
         self._size = size
@@ -188,9 +189,10 @@ class IngestStore:
         Returns (payment, created). Concurrent identical requests are settled by the unique
         constraint: ON CONFLICT waits for the first inserter, then the SELECT sees its row.
         After a connection failure the insert is tried again once Postgres answers, for up
-        to ``outage_wait`` seconds from the call (a retry's own connection wait and
-        statements are bounded by the store's timeout, as every attempt's are); then, and
-        for every other failure, the driver's error passes unchanged (the web layer maps an
+        to ``outage_wait`` seconds from the call; a retry (its pool wait and both
+        statements) must end within the store's timeout after that, so a request that
+        waited is answered within its first try + ``outage_wait`` + timeout. Then, and for
+        every other failure, the driver's error passes unchanged (the web layer maps an
         unavailable database to 503).
         """
         give_up = time.monotonic() + self._outage_wait
@@ -198,7 +200,11 @@ class IngestStore:
         while True:
             try:
                 return await self._enqueue_once(
-                    key, request, fingerprint, trace_parent, retry=tries > 1
+                    key,
+                    request,
+                    fingerprint,
+                    trace_parent,
+                    finish_by=give_up + self._timeout if tries > 1 else None,
                 )
             except Exception as exc:
                 if (
@@ -216,14 +222,21 @@ class IngestStore:
         fingerprint: str,
         trace_parent: str | None,
         *,
-        retry: bool,
+        finish_by: float | None,
     ) -> tuple[Payment, bool]:
-        # No acquire timeout on a first try: asyncpg implements it with wait_for (a task per
-        # request), and the wait is bounded anyway: every statement has command_timeout,
-        # every connect attempt the pool's connect timeout. A retry has one: it follows an
-        # outage with every waiting request at once, all queueing for the pool.
-        acquire = self._pool.acquire(timeout=self._timeout) if retry else self._pool.acquire()
-        async with acquire as conn:
+        """One try. A retry gives ``finish_by`` (monotonic): its pool wait and statements get
+        what is left of it as their timeouts (asyncpg's own, which cancel a statement
+        cleanly), however long the server's command timeout is."""
+
+        def left() -> float | None:
+            return None if finish_by is None else max(0.05, finish_by - time.monotonic())
+
+        # No timeouts of our own on a first try: asyncpg implements an acquire timeout with
+        # wait_for (a task per request), and the wait is bounded anyway: every statement has
+        # command_timeout, every connect attempt the pool's connect timeout. A retry has
+        # them: it follows an outage with every waiting request at once, all queueing for
+        # the pool, and must not run on for the command timeout after its wait.
+        async with self._pool.acquire(timeout=left()) as conn:
             row = await conn.fetchrow(
                 _INSERT,
                 key,
@@ -234,10 +247,11 @@ class IngestStore:
                 request.description,
                 orjson.dumps(request.metadata).decode(),
                 trace_parent,
+                timeout=left(),
             )
             if row is not None:
                 return _payment(row), True
-            existing = await conn.fetchrow(_SELECT_BY_KEY, key)
+            existing = await conn.fetchrow(_SELECT_BY_KEY, key, timeout=left())
         if existing is None:  # pragma: no cover - the conflicting row cannot vanish (no deletes)
             raise RuntimeError(f"payment with idempotency key {key!r} conflicted but is missing")
         return _payment(existing), False
@@ -251,9 +265,16 @@ class IngestStore:
             return False
         if self._outage_probe is None:
             self._back.clear()
-            self._outage_began = now
-            self._outage_probe = asyncio.create_task(self._probe(), name="ingest-outage")
-        elif now - self._outage_began >= OUTAGE_HOLD * self._outage_wait:
+            # Postgres answered less than a wait ago: the same outage goes on (a server
+            # that accepts sessions but fails statements must not reset the hold, nor log
+            # a new outage on every probe).
+            resumed = now - self._outage_ended < self._outage_wait
+            if not resumed:
+                self._outage_began = now
+            self._outage_probe = asyncio.create_task(
+                self._probe(announce=not resumed), name="ingest-outage"
+            )
+        if now - self._outage_began >= OUTAGE_HOLD * self._outage_wait:
             return False
         try:
             async with asyncio.timeout(give_up - now):
@@ -262,16 +283,19 @@ class IngestStore:
             return False
         return not self._closing
 
-    async def _probe(self) -> None:
+    async def _probe(self, *, announce: bool) -> None:
         """Every OUTAGE_PROBE_EVERY seconds, open a session of its own (the pool's may be
         ones Postgres ended) until one opens; then wake every waiting request. Ends on a
-        failure that is no outage too: the requests then meet it themselves and report it."""
-        log.warning(
-            "Postgres unavailable: ingest requests wait for it (up to %.1fs each)",
-            self._outage_wait,
-        )
+        failure that is no outage too: the requests then meet it themselves and report it.
+        ``announce``: a new outage, logged when it begins and ends."""
+        if announce:
+            log.warning(
+                "Postgres unavailable: ingest requests wait for it (up to %.1fs each)",
+                self._outage_wait,
+            )
+        conn: Any = None
         try:
-            while True:
+            while conn is None:
                 await asyncio.sleep(OUTAGE_PROBE_EVERY)
                 try:
                     conn = await asyncpg.connect(
@@ -282,16 +306,18 @@ class IngestStore:
                         continue
                     log.warning("Postgres answers again, with an error: %s", exc)
                     return
-                with contextlib.suppress(Exception):  # it opened: that is the answer
-                    await conn.close(timeout=self._timeout)
+            if announce:
                 log.info(
                     "Postgres answers again after %.2fs",
                     time.monotonic() - self._outage_began,
                 )
-                return
         finally:
+            # Waiters first: closing the probe's session must not hold them.
             self._outage_probe = None
+            self._outage_ended = time.monotonic()
             self._back.set()
+        with contextlib.suppress(Exception):  # it opened: that was the answer
+            await conn.close(timeout=self._timeout)
 
 
 def _payment(row: Any) -> Payment:

@@ -47,6 +47,14 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     await ingest.open()
     app[ENGINE] = engine
     app[INGEST] = ingest
+
+    async def stop_waiting() -> None:
+        ingest.stop_waiting()
+
+    # First of the stopping hooks, the moment shutdown begins (a replica's SIGTERM, before
+    # its drain): a request waiting out a Postgres outage would otherwise hold the
+    # shutdown for its whole wait.
+    app[LIFECYCLE].on_stopping.insert(0, stop_waiting)
     try:
         yield
     finally:
@@ -55,9 +63,6 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _mark_shutting_down(app: web.Application) -> None:
-    # First, and before the server waits for the requests in flight: one waiting out a
-    # Postgres outage would otherwise hold the shutdown for its whole wait.
-    app[INGEST].stop_waiting()
     await app[LIFECYCLE].begin_shutdown()
 
 

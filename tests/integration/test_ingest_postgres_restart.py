@@ -19,7 +19,7 @@ from app.stack.ports import free_port
 from app.stack.postgres import PostgresServer
 from app.store.migrate import migrate
 from app.web.app import create_app
-from app.web.state import INGEST
+from app.web.state import INGEST, LIFECYCLE
 from tests.conftest import postgres_dir
 from tests.support.proxy import proxied
 
@@ -209,17 +209,21 @@ async def test_an_outage_longer_than_the_wait_answers_503(own_server: PostgresSe
 
 
 async def test_shutdown_ends_the_wait(own_server: PostgresServer) -> None:
-    """A replica shutting down does not sit out the wait: the waiting request gets 503 (a
-    load balancer retries it elsewhere) and the shutdown goes on."""
+    """A replica shutting down does not sit out the wait: the moment shutdown begins (what a
+    SIGTERM does first, before the drain and the server's close), the waiting request gets
+    503, which a load balancer retries elsewhere."""
     runner = await _serve(own_server, outage_wait=30.0)
     ingest = runner.app[INGEST]
-    async with aiohttp.ClientSession(_url(runner)) as http:
-        await asyncio.to_thread(own_server.stop)
-        waiting = asyncio.create_task(Client(http).post("during-shutdown"))
-        for _ in range(100):  # bounded: until the request waits for Postgres
-            if ingest.waiting_for_postgres:
-                break
-            await asyncio.sleep(0.05)
-        assert ingest.waiting_for_postgres, "the request never began to wait"
+    try:
+        async with aiohttp.ClientSession(_url(runner)) as http:
+            await asyncio.to_thread(own_server.stop)
+            waiting = asyncio.create_task(Client(http).post("during-shutdown"))
+            for _ in range(100):  # bounded: until the request waits for Postgres
+                if ingest.waiting_for_postgres:
+                    break
+                await asyncio.sleep(0.05)
+            assert ingest.waiting_for_postgres, "the request never began to wait"
+            await runner.app[LIFECYCLE].begin_shutdown()
+            assert await asyncio.wait_for(waiting, 10) == 503
+    finally:
         await asyncio.wait_for(runner.cleanup(), 10)
-        assert await asyncio.wait_for(waiting, 10) == 503
