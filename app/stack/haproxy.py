@@ -32,8 +32,15 @@ from app.stack.child import ChildProcess
 #   timeout connect 500ms: a refused connection fails at once anyway.
 # - checks every 250 ms on /readyz, which fails from the first instant of a shutdown; a
 #   connection error, a timeout or a 5xx on live traffic marks the server down at once
-#   (observe layer7), two good checks bring it back. Three failed checks (1 s each) are
-#   needed otherwise: on a busy 2-core box a healthy replica's check can be slow.
+#   (observe layer7), two good checks bring it back. Otherwise two failed checks do, each
+#   given 500 ms: a paused replica is out of rotation 1.1-1.35 s into its pause. With
+#   three of 1 s each it never was (a pause ends after ~2 s), and when the new leader's
+#   catch-up slowed the healthy replicas, leastconn sent the paused one its next requests:
+#   in a soak, seven that waited for it to wake (200-260 ms, a 6.8x pause window). The
+#   cost: a replica whose /readyz is slower than 500 ms twice in a row (a stall of ~1 s on
+#   the whole box) is taken out until two checks pass, and while every checked replica
+#   is out the backups below carry the traffic. Shorter than the replica's own readyz
+#   timeout (1 s) on purpose: haproxy decides sooner than the replica would report.
 # - every replica is listed twice: checked, and again as an unchecked backup. When checks
 #   have (wrongly, or during a burst of faults) marked every replica down, haproxy would
 #   answer 503 itself; the backups keep requests flowing to whatever still answers, and
@@ -41,7 +48,7 @@ from app.stack.child import ChildProcess
 DEFAULTS = """\
     timeout connect 500ms
     timeout server 2s
-    timeout check 1s
+    timeout check 500ms
     retries 3
     option redispatch 1
     retry-on conn-failure empty-response response-timeout 503
@@ -52,7 +59,7 @@ BACKEND = (
     "    option httpchk GET /readyz\n"
     "    http-check expect status 200\n"
     "    option allbackups\n"
-    "    default-server inter 250ms fastinter 100ms downinter 250ms fall 3 rise 2"
+    "    default-server inter 250ms fastinter 100ms downinter 250ms fall 2 rise 2"
     " observe layer7 error-limit 1 on-error mark-down"
 )
 
