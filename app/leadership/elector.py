@@ -42,6 +42,14 @@ WATCH_RETRY_MAX = 1.6
 # own clean-up in etcd) is cancelled again, for at most CANCEL_ROUNDS rounds.
 CANCEL_ROUND = 1.5
 CANCEL_ROUNDS = 6
+# A lease whose revoke failed (etcd away) is revoked again every ORPHAN_RETRY seconds once
+# etcd answers, for up to ORPHAN_WINDOW seconds. Left to expire, its key (a candidate's, or
+# the last leader's) stays in the election: a new raft leader re-arms every lease to its
+# election timeout + TTL, so after an etcd leader loss every replica's lost session kept a
+# key for ~3 s more, and the lowest of them "led" with no one behind it (a soak: charging
+# stopped 3.1 s after an etcd member loss, through two such keys).
+ORPHAN_RETRY = 0.25
+ORPHAN_WINDOW = 60.0
 
 # The subscriber: work run for one term. It must return or raise when term.stopping is set
 # (graceful resign or handover) and tolerate cancellation (any other loss). Returning while
@@ -110,6 +118,8 @@ class Elector:
         self._term_end = asyncio.Event()  # this term ends gracefully: resign or handover
         self._work_task: asyncio.Task[None] | None = None
         self._ignored: set[str] = set()  # lease-less keys already reported
+        self._orphans: dict[int, float] = {}  # lease id → monotonic instant to give up
+        self._orphan_task: asyncio.Task[None] | None = None
         self._started_at = datetime.now(UTC).isoformat()
 
     @property
@@ -126,6 +136,14 @@ class Elector:
 
     async def run(self) -> None:
         """Campaign and lead in a loop until ``resign()``; never returns early on errors."""
+        try:
+            await self._campaign_until_resigned()
+        finally:
+            # Leases still unrevoked at shutdown expire by themselves.
+            if self._orphan_task is not None:
+                await self._cancel_and_wait([self._orphan_task])
+
+    async def _campaign_until_resigned(self) -> None:
         while not self._resigning.is_set():
             try:
                 await self._term()
@@ -381,7 +399,30 @@ class Elector:
         try:
             await self.client.revoke_lease(lease_id, timeout=self.config.etcd_timeout)
         except (EtcdUnavailable, TimeoutError) as exc:
-            log.warning("could not revoke lease %x %s (it will expire): %s", lease_id, why, exc)
+            log.warning(
+                "could not revoke lease %x %s (retried once etcd answers): %s", lease_id, why, exc
+            )
+            self._orphans[lease_id] = time.monotonic() + ORPHAN_WINDOW
+            if self._orphan_task is None or self._orphan_task.done():
+                self._orphan_task = asyncio.create_task(
+                    self._revoke_orphans(), name="revoke-orphans"
+                )
+
+    async def _revoke_orphans(self) -> None:
+        """Revoke the leases whose revoke failed, as soon as etcd answers again (ORPHAN_RETRY
+        between rounds; each given up after ORPHAN_WINDOW: it has expired by then)."""
+        while self._orphans:
+            await asyncio.sleep(ORPHAN_RETRY)
+            for lease_id, give_up in list(self._orphans.items()):
+                if time.monotonic() > give_up:
+                    del self._orphans[lease_id]
+                    continue
+                try:
+                    await self.client.revoke_lease(lease_id, timeout=self.config.etcd_timeout)
+                except (EtcdUnavailable, TimeoutError):
+                    break  # etcd is still away: all of them again next round
+                del self._orphans[lease_id]
+                log.info("revoked lease %x now that etcd answers again", lease_id)
 
     async def _wait_for_predecessors(self, my_key: str, my_revision: int) -> None:
         """Block until no candidate key older than ours remains (etcd's waitDeletes), in a

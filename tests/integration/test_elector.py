@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -390,3 +391,63 @@ async def test_an_observer_cut_off_from_etcd_names_no_leader_until_etcd_confirms
         finally:
             watching.cancel()
             await asyncio.gather(watching, return_exceptions=True)
+
+
+async def test_a_lease_whose_revoke_failed_is_revoked_once_etcd_answers_again() -> None:
+    """A candidate cut off from etcd leaves the running; its revoke fails, so its key stays
+    in the election. Left to expire, it would outlive the outage by the lease's TTL (etcd
+    re-arms leases when it comes back): it is revoked again as soon as etcd answers."""
+    prefix = f"/paydispatch/test-{uuid.uuid4().hex[:8]}/election/"
+    with EtcdCluster(size=1, name="orphans") as cluster:
+        member = cluster.members[0]
+        long_lease = dataclasses.replace(config(cluster, prefix, "x"), lease_ttl=30)
+        async with EtcdClient(cluster.endpoints, timeout=1.0) as client:
+
+            async def candidates() -> list[tuple[str, int]]:
+                kvs, _ = await client.get_prefix_sorted_by_create(prefix, timeout=1.0)
+                return [(kv.key, kv.create_revision) for kv in kvs]
+
+            watchdog = LoopWatchdog()
+            beat = asyncio.create_task(watchdog.run())
+            leader = Elector(
+                dataclasses.replace(long_lease, node_id="a"), client, Subscriber(), watchdog
+            )
+            follower = Elector(
+                dataclasses.replace(long_lease, node_id="b"), client, Subscriber(), watchdog
+            )
+            tasks = [asyncio.create_task(leader.run())]
+            try:
+                await until(lambda: leader.is_leader, "a leads")
+                tasks.append(asyncio.create_task(follower.run()))
+                keys: list[tuple[str, int]] = []
+                for _ in range(250):  # bounded: until b's candidate key is there
+                    keys = await candidates()
+                    if len(keys) == 2:
+                        break
+                    await asyncio.sleep(0.02)
+                assert len(keys) == 2, keys
+                follower_key = keys[1]
+
+                await asyncio.to_thread(member.kill)
+                # b's watch on a's key fails at once (the socket closes): b leaves the
+                # running and cannot revoke its lease. Long enough for that, short of a's
+                # validity (30 s lease).
+                await asyncio.sleep(3.0)
+                await asyncio.to_thread(member.start)
+                await asyncio.to_thread(cluster.wait_healthy)
+                back = time.monotonic()
+
+                async def gone() -> bool:
+                    return follower_key not in await candidates()
+
+                while not await gone():
+                    # Without the retry the key would stay for the re-armed lease: 30 s+.
+                    assert time.monotonic() - back < 10, "b's old candidate key is still there"
+                    await asyncio.sleep(0.1)
+                assert leader.is_leader, "a's term survived the outage (its lease is long)"
+            finally:
+                await leader.resign()
+                await follower.resign()
+                await asyncio.wait_for(asyncio.gather(*tasks), WAIT)
+                beat.cancel()
+                await asyncio.gather(beat, return_exceptions=True)
