@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -153,12 +154,12 @@ class ScenarioResult:
             "ingest_p99_steady_ms": round(self.steady_p99(), 2),
             "failovers": [
                 {
-                    **failover_figures(f, self.samples),
+                    **failover_figures(f, self.samples, until),
                     "old_token": f.old_token,
                     "new_token": f.new_token,
                     **self.fault_client_view(f),
                 }
-                for f in self.failovers
+                for f, until in zip(self.failovers, fault_spans(self.failovers), strict=True)
             ],
             "longest_charging_gap_s": longest_charging_gap(self.samples),
             "queue_depth": queue_depth_figures(self.samples),
@@ -488,7 +489,10 @@ def _write_progress(
             "accepted": last.accepted if last else 0,
             "charged": last.charged if last else 0,
             "queue_depth": queue_depth_figures(samples),
-            "failovers": [failover_figures(f, samples) for f in failovers],
+            "failovers": [
+                failover_figures(f, samples, until)
+                for f, until in zip(failovers, fault_spans(failovers), strict=True)
+            ],
             "runner_errors": errors,
         },
     )
@@ -526,10 +530,23 @@ def longest_charging_gap(samples: Sequence[Sample]) -> float:
     return round(longest, 2)
 
 
-def failover_figures(failover: Failover, samples: Sequence[Sample]) -> dict[str, Any]:
-    """A fault's own figures from the samples: token changes while it lasted, and how long
-    until the backlog it caused was gone: the queue back at or below its usual depth before
-    the fault (the median of the DRAIN_BASELINE seconds before it), or at 5.
+def fault_spans(failovers: Sequence[Failover]) -> list[float]:
+    """For each fault, when the next one struck (the last one's span runs to the end)."""
+    return [nxt.at for nxt in failovers[1:]] + [math.inf] if failovers else []
+
+
+def failover_figures(
+    failover: Failover, samples: Sequence[Sample], until: float | None = None
+) -> dict[str, Any]:
+    """A fault's own figures from the samples: token changes from it until ``until`` (the
+    next fault, or the end of the run; at least its window), the longest charging gap in
+    that span, and how long until the backlog it caused was gone: the queue back at or
+    below its usual depth before the fault (the median of the DRAIN_BASELINE seconds before
+    it), or at 5.
+
+    Until the next fault, not just its window: a fault can stop charging later than it
+    struck (an etcd member loss that took etcd's raft leader: leases ran out ~1 s on, and
+    the leader changed twice 4 s on, outside a 3 s window that had looked clean).
 
     Not the one sample at the fault: under load the queue's depth moves from sample to
     sample (payments in flight and batched), and a fault that struck at a low moment was
@@ -540,10 +557,12 @@ def failover_figures(failover: Failover, samples: Sequence[Sample]) -> dict[str,
     baseline = statistics.median(usual) if usual else 0
     after = [s for s in samples if s.t > failover.at]
     start, end = failover.window
-    # From the token that led when the fault struck, through every token seen in its window.
+    end = max(end, until) if until is not None else end
+    # From the token that led when the fault struck, through every token seen in its span.
     first = [before[-1].token] if before and before[-1].token is not None else []
     tokens = first + [s.token for s in samples if start <= s.t < end and s.token is not None]
     changes = sum(1 for a, b in itertools.pairwise(tokens) if a != b)
+    gap = longest_charging_gap(before[-1:] + [s for s in after if s.t < end])
     peak = max((s.queue_depth for s in after if s.t < end + 30), default=baseline)
     drained = next(
         (s.t - failover.at for s in after if s.t >= end and s.queue_depth <= max(baseline, 5)),
@@ -554,6 +573,7 @@ def failover_figures(failover: Failover, samples: Sequence[Sample]) -> dict[str,
         "at_s": round(failover.at, 2),
         "seconds": None if failover.seconds is None else round(failover.seconds, 3),
         "token_changes": changes,
+        "charging_gap_s": gap,
         "backlog_peak": peak,
         "drain_s": None if drained is None else round(drained, 2),
         "error": failover.error,

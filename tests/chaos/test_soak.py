@@ -51,6 +51,6 @@ def test_ten_thousand_payments_under_the_chaos_mix_end_exactly_once(tmp_path: Pa
     assert len(report["failovers"]) == 4
     for failover in report["failovers"]:
         assert failover["error"] is None, failover
-        assert {"token_changes", "drain_s", "backlog_peak"} <= set(failover)
+        assert {"token_changes", "charging_gap_s", "drain_s", "backlog_peak"} <= set(failover)
     assert report["queue_depth"]["max"] >= report["queue_depth"]["p99"] >= 0
     assert report["longest_charging_gap_s"] >= 0

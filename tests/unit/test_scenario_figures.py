@@ -7,6 +7,7 @@ from load.scenario import (
     Failover,
     Sample,
     failover_figures,
+    fault_spans,
     longest_charging_gap,
     queue_depth_figures,
 )
@@ -98,3 +99,33 @@ def test_only_the_ten_seconds_before_the_fault_set_the_usual_depth() -> None:
     fault = Failover("term", at=30.5, old_token=1, seconds=0.1, new_token=2)
 
     assert failover_figures(fault, samples)["drain_s"] == 4.5
+
+
+def test_a_stall_that_begins_after_the_window_is_still_the_faults_until_the_next_one() -> None:
+    # An etcd member loss at 1.0: charging goes on, then stops at 4.5 (its leases ran out)
+    # and two new leaders follow, all after its 3 s window; the next fault comes at 20.
+    samples = [
+        sample(0.0, 0, 5),
+        *[sample(t, int(100 * t), 5) for t in (1.5, 2.0, 3.0, 4.0, 4.5)],
+        sample(5.5, 450, 200),
+        sample(6.5, 450, 400, token=2),
+        sample(7.5, 450, 600, token=3),
+        sample(8.0, 700, 300, token=3),
+        sample(9.0, 1000, 5, token=3),
+    ]
+    fault = Failover("etcd-member", at=1.0, old_token=1, seconds=0.03, new_token=1)
+
+    within_window = failover_figures(fault, samples)
+    until_next = failover_figures(fault, samples, until=20.0)
+
+    assert within_window["token_changes"] == 0
+    assert within_window["charging_gap_s"] == 0.0
+    assert until_next["token_changes"] == 2
+    assert until_next["charging_gap_s"] == 3.0  # 4.5 → 7.5: charged did not move
+
+
+def test_each_faults_span_ends_where_the_next_one_strikes() -> None:
+    faults = [Failover("kill", 10.0, 1, 0.1), Failover("stop", 20.0, 2, 2.0)]
+
+    assert fault_spans(faults) == [20.0, float("inf")]
+    assert fault_spans([]) == []
