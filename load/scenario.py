@@ -557,12 +557,12 @@ def failover_figures(
     baseline = statistics.median(usual) if usual else 0
     after = [s for s in samples if s.t > failover.at]
     start, end = failover.window
-    end = max(end, until) if until is not None else end
+    span_end = max(end, until) if until is not None else end
     # From the token that led when the fault struck, through every token seen in its span.
     first = [before[-1].token] if before and before[-1].token is not None else []
-    tokens = first + [s.token for s in samples if start <= s.t < end and s.token is not None]
+    tokens = first + [s.token for s in samples if start <= s.t < span_end and s.token is not None]
     changes = sum(1 for a, b in itertools.pairwise(tokens) if a != b)
-    gap = longest_charging_gap(before[-1:] + [s for s in after if s.t < end])
+    gap = longest_charging_gap(before[-1:] + [s for s in after if s.t < span_end])
     peak = max((s.queue_depth for s in after if s.t < end + 30), default=baseline)
     drained = next(
         (s.t - failover.at for s in after if s.t >= end and s.queue_depth <= max(baseline, 5)),

@@ -122,6 +122,9 @@ def test_a_stall_that_begins_after_the_window_is_still_the_faults_until_the_next
     assert within_window["charging_gap_s"] == 0.0
     assert until_next["token_changes"] == 2
     assert until_next["charging_gap_s"] == 3.0  # 4.5 → 7.5: charged did not move
+    # The backlog is looked for from the end of its window either way, not from the next
+    # fault: at the usual depth (5) at 4.0, 3.0 s after the fault.
+    assert within_window["drain_s"] == until_next["drain_s"] == 3.0
 
 
 def test_each_faults_span_ends_where_the_next_one_strikes() -> None:
