@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from app.errors import EtcdUnavailable, LeadershipLost, PaydispatchError
-from app.leadership.etcd import EtcdClient, EtcdSecurity, KeyValue
+from app.leadership.etcd import EtcdAccessDenied, EtcdClient, EtcdSecurity, KeyValue
 from app.leadership.keepalive import KeepAlive, LoopWatchdog
 from app.leadership.term import Term
 
@@ -42,14 +42,16 @@ WATCH_RETRY_MAX = 1.6
 # own clean-up in etcd) is cancelled again, for at most CANCEL_ROUNDS rounds.
 CANCEL_ROUND = 1.5
 CANCEL_ROUNDS = 6
-# A lease whose revoke failed (etcd away) is revoked again every ORPHAN_RETRY seconds once
-# etcd answers, for up to ORPHAN_WINDOW seconds. Left to expire, its key (a candidate's, or
-# the last leader's) stays in the election: a new raft leader re-arms every lease to its
-# election timeout + TTL, so after an etcd leader loss every replica's lost session kept a
-# key for ~3 s more, and the lowest of them "led" with no one behind it (a soak: charging
-# stopped 3.1 s after an etcd member loss, through two such keys).
+# A lease whose revoke failed (etcd away) is revoked again until etcd says it is gone:
+# every ORPHAN_RETRY seconds at first, doubling up to ORPHAN_RETRY_MAX (each failed etcd
+# call also resets this replica's shared channel, and with it every watch). Left to expire,
+# its key (a candidate's, or the last leader's) stays in the election: leases do not expire
+# while etcd has no quorum, and a new raft leader re-arms every lease to its election
+# timeout + TTL, so after an etcd leader loss every replica's lost session kept a key for
+# ~3 s more, and the lowest of them "led" with no one behind it (a soak: charging stopped
+# 3.1 s after an etcd member loss, through two such keys).
 ORPHAN_RETRY = 0.25
-ORPHAN_WINDOW = 60.0
+ORPHAN_RETRY_MAX = 2.0
 
 # The subscriber: work run for one term. It must return or raise when term.stopping is set
 # (graceful resign or handover) and tolerate cancellation (any other loss). Returning while
@@ -118,7 +120,7 @@ class Elector:
         self._term_end = asyncio.Event()  # this term ends gracefully: resign or handover
         self._work_task: asyncio.Task[None] | None = None
         self._ignored: set[str] = set()  # lease-less keys already reported
-        self._orphans: dict[int, float] = {}  # lease id → monotonic instant to give up
+        self._orphans: set[int] = set()  # leases whose revoke failed, not yet revoked
         self._orphan_task: asyncio.Task[None] | None = None
         self._started_at = datetime.now(UTC).isoformat()
 
@@ -394,34 +396,51 @@ class Elector:
             await keepalive.stop()
 
     async def _revoke(self, lease_id: int, why: str) -> None:
-        """Revoke ``lease_id`` (an unknown lease is fine); failures are logged, not raised:
-        the lease then expires by itself."""
+        """Revoke ``lease_id`` (an unknown lease is fine); a failure is logged, and the
+        revoke tried again until etcd answers (``_revoke_orphans``), never raised."""
         try:
             await self.client.revoke_lease(lease_id, timeout=self.config.etcd_timeout)
+        except EtcdAccessDenied as exc:
+            log.warning("could not revoke lease %x %s (it will expire): %s", lease_id, why, exc)
         except (EtcdUnavailable, TimeoutError) as exc:
             log.warning(
-                "could not revoke lease %x %s (retried once etcd answers): %s", lease_id, why, exc
+                "could not revoke lease %x %s (tried again until etcd answers): %s",
+                lease_id,
+                why,
+                exc,
             )
-            self._orphans[lease_id] = time.monotonic() + ORPHAN_WINDOW
+            self._orphans.add(lease_id)
             if self._orphan_task is None or self._orphan_task.done():
                 self._orphan_task = asyncio.create_task(
                     self._revoke_orphans(), name="revoke-orphans"
                 )
+        else:
+            self._orphans.discard(lease_id)
 
     async def _revoke_orphans(self) -> None:
-        """Revoke the leases whose revoke failed, as soon as etcd answers again (ORPHAN_RETRY
-        between rounds; each given up after ORPHAN_WINDOW: it has expired by then)."""
+        """Revoke the leases whose revoke failed, once etcd answers again. Leases do not
+        expire while etcd is away, so there is no point at which to give up: this ends when
+        all are revoked (an unknown lease counts), and with the elector (``run``); a lease
+        then left expires by itself, TTL after etcd is back."""
+        pause = ORPHAN_RETRY
         while self._orphans:
-            await asyncio.sleep(ORPHAN_RETRY)
-            for lease_id, give_up in list(self._orphans.items()):
-                if time.monotonic() > give_up:
-                    del self._orphans[lease_id]
-                    continue
+            await asyncio.sleep(pause)
+            for lease_id in sorted(self._orphans):
                 try:
                     await self.client.revoke_lease(lease_id, timeout=self.config.etcd_timeout)
+                except EtcdAccessDenied as exc:
+                    self._orphans.discard(lease_id)
+                    log.warning("could not revoke lease %x (it will expire): %s", lease_id, exc)
+                    continue
                 except (EtcdUnavailable, TimeoutError):
+                    pause = min(pause * 2, ORPHAN_RETRY_MAX)
                     break  # etcd is still away: all of them again next round
-                del self._orphans[lease_id]
+                except Exception:
+                    self._orphans.discard(lease_id)
+                    log.exception("could not revoke lease %x (it will expire)", lease_id)
+                    continue
+                self._orphans.discard(lease_id)
+                pause = ORPHAN_RETRY
                 log.info("revoked lease %x now that etcd answers again", lease_id)
 
     async def _wait_for_predecessors(self, my_key: str, my_revision: int) -> None:
