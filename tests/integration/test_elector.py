@@ -393,7 +393,9 @@ async def test_an_observer_cut_off_from_etcd_names_no_leader_until_etcd_confirms
             await asyncio.gather(watching, return_exceptions=True)
 
 
-async def test_a_lease_whose_revoke_failed_is_revoked_once_etcd_answers_again() -> None:
+async def test_a_lease_whose_revoke_failed_is_revoked_once_etcd_answers_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """A candidate cut off from etcd leaves the running; its revoke fails, so its key stays
     in the election. Left to expire, it would outlive the outage by the lease's TTL (etcd
     re-arms leases when it comes back): it is revoked again as soon as etcd answers."""
@@ -428,11 +430,14 @@ async def test_a_lease_whose_revoke_failed_is_revoked_once_etcd_answers_again() 
                 assert len(keys) == 2, keys
                 follower_key = keys[1]
 
+                caplog.set_level(logging.WARNING, logger="app.leadership.elector")
                 await asyncio.to_thread(member.kill)
                 # b's watch on a's key fails at once (the socket closes): b leaves the
-                # running and cannot revoke its lease. Long enough for that, short of a's
-                # validity (30 s lease).
-                await asyncio.sleep(3.0)
+                # running and cannot revoke its lease (a, with 30 s of validity, leads on).
+                await until(
+                    lambda: any("could not revoke lease" in r.getMessage() for r in caplog.records),
+                    "b leaves the running without revoking its lease",
+                )
                 await asyncio.to_thread(member.start)
                 await asyncio.to_thread(cluster.wait_healthy)
                 back = time.monotonic()

@@ -119,7 +119,11 @@ async def _restart_under_load(server: PostgresServer, runner: web.AppRunner, pre
     async with aiohttp.ClientSession(_url(runner)) as http:
         client = Client(http)
         loader = asyncio.create_task(client.load(prefix, restarted))
-        await asyncio.sleep(0.3)
+        for _ in range(500):  # bounded: until the load is under way
+            if len(client.statuses) >= 20:
+                break
+            await asyncio.sleep(0.01)
+        assert len(client.statuses) >= 20, "the load never got going"
         await asyncio.to_thread(server.restart, 1.5)
         restarted.set()
         await asyncio.wait_for(loader, 60)
