@@ -11,7 +11,6 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Callable
 
-import aiohttp
 from aiohttp import web
 
 from app.dispatch.dispatcher import DispatchStats
@@ -147,15 +146,9 @@ async def _leadership(app: web.Application) -> AsyncIterator[None]:
     # The leader's own pool and HTTP session: ingest load must not starve the dispatcher
     # of connections, nor the other way round.
     leader_engine = create_engine(settings, pool_size=LEADER_POOL_SIZE, leader=True)
-    http = aiohttp.ClientSession(
-        # Keep-alive connections (aiohttp's default), as many as calls may be in flight, so
-        # a steady drain never opens a connection per charge.
-        connector=aiohttp.TCPConnector(limit=settings.dispatch_concurrency),
-        # The provider's cookies mean nothing to us; filtering the jar on every call showed
-        # on the leader's profile.
-        cookie_jar=aiohttp.DummyCookieJar(),
-    )
-    provider = ProviderClient(settings.provider_url, http)
+    # Keep-alive connections, as many as calls may be in flight, so a steady drain never
+    # opens a connection per charge.
+    provider = ProviderClient(settings.provider_url, connections=settings.dispatch_concurrency)
     dispatch_stats = DispatchStats()
     # Fast crash detection (app.failover): the leader holds its liveness lock beside the
     # dispatcher; every replica's detector waits on the current leader's.
@@ -208,7 +201,7 @@ async def _leadership(app: web.Application) -> AsyncIterator[None]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await client.close()
-        await http.close()
+        await provider.close()
         await leader_engine.close()
 
 

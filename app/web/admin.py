@@ -7,7 +7,6 @@ import hashlib
 import uuid
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from app.dispatch.dispatcher import retry_policy
@@ -111,8 +110,8 @@ async def retry_payment(request: web.Request) -> web.Response:
                 headers={"Retry-After": str(int(quiet_needed - age.quiet_for) + 1)},
             )
         try:
-            async with aiohttp.ClientSession() as http:
-                charge = await ProviderClient(settings.provider_url, http).find_by_key(
+            async with ProviderClient(settings.provider_url, connections=1) as provider:
+                charge = await provider.find_by_key(
                     payment.provider_key, timeout=settings.provider_timeout
                 )
         except ProviderError as exc:
@@ -178,9 +177,9 @@ async def reconcile_payment(request: web.Request) -> web.Response:
         payment.id, payment.provider_key, payment.amount, payment.currency, payment.reference
     )
     try:
-        async with aiohttp.ClientSession() as http:
+        async with ProviderClient(settings.provider_url, connections=1) as provider:
             done = await reconcile_one(
-                ProviderClient(settings.provider_url, http),
+                provider,
                 candidate,
                 timeout=settings.provider_timeout,
                 settle=settle,

@@ -10,7 +10,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-import aiohttp
 import asyncpg
 import pytest
 
@@ -22,7 +21,6 @@ from app.dispatch.leader import (
     REWARM_EVERY,
     DispatchLeader,
 )
-from app.dispatch.provider import ProviderClient
 from app.obs.metrics import Metrics
 from app.settings import Settings
 from app.store import claims
@@ -30,7 +28,7 @@ from app.store.engine import Engine, create_engine
 from app.store.fence import raised_fence
 from tests.integration.test_hostile_provider import dispatch_settings, enqueue, rows, settle
 from tests.support.hostile import HostileProvider, first_attempt, hostile_provider
-from tests.support.leading import dispatch_leader, fresh_term, leading
+from tests.support.leading import dispatch_leader, fresh_term, leading, provider_client
 
 
 @pytest.fixture
@@ -149,11 +147,8 @@ async def test_a_first_batch_claimed_at_take_over_but_never_called_goes_back_to_
     # and before the dispatcher ran: lease lost, resigned, or cancelled in between.
     await enqueue(settings_, ["unsent-1", "unsent-2"])
     term, _ = fresh_term(settings_, token=3)
-    async with aiohttp.ClientSession() as http:
-        provider_client = ProviderClient(settings_.provider_url, http)
-        dispatcher = Dispatcher(
-            settings_, engine, provider_client, term, DispatchStats(), Metrics()
-        )
+    async with provider_client(settings_) as client:
+        dispatcher = Dispatcher(settings_, engine, client, term, DispatchStats(), Metrics())
         async with raised_fence(
             engine, name=settings_.fence_name, token=3, holder=settings_.node_id, timeout=5
         ) as conn:
@@ -274,8 +269,8 @@ async def test_between_terms_sessions_postgres_ended_are_replaced_by_primed_ones
     # its sessions inside the handover (SIGTERM handovers after a restart: ~0.1 → 0.25 s).
     await engine.close()  # the fixture's sessions, opened without priming
     leader_engine = create_engine(settings_, pool_size=LEADER_POOL_SIZE, leader=True)
-    async with aiohttp.ClientSession() as http:
-        leader = dispatch_leader(settings_, leader_engine, http)
+    async with provider_client(settings_) as client:
+        leader = dispatch_leader(settings_, leader_engine, client)
         try:
             await leader.warm()
             first = await leader_sessions(db, settings_)
@@ -345,8 +340,8 @@ async def test_no_warm_round_runs_while_this_replica_leads(
     # only take pool sessions the term's bookkeeping wants. (Pings every look here, so that
     # a round comes between terms without sessions to replace.)
     monkeypatch.setattr(leader_module, "PING_EVERY", REWARM_EVERY)
-    async with aiohttp.ClientSession() as http:
-        leader = dispatch_leader(settings_, engine, http)
+    async with provider_client(settings_) as client:
+        leader = dispatch_leader(settings_, engine, client)
         rounds = count_rounds(leader, monkeypatch)
         keeping = asyncio.create_task(leader.keep_warm())
         try:
@@ -390,8 +385,8 @@ async def test_between_terms_open_sessions_are_left_alone_until_the_ping_is_due(
     monkeypatch.setattr(leader_module, "PING_EVERY", 60.0)
     await engine.close()
     leader_engine = create_engine(settings_, pool_size=LEADER_POOL_SIZE, leader=True)
-    async with aiohttp.ClientSession() as http:
-        leader = dispatch_leader(settings_, leader_engine, http)
+    async with provider_client(settings_) as client:
+        leader = dispatch_leader(settings_, leader_engine, client)
         await leader.warm()
         first = await leader_sessions(db, settings_)
         assert len(first) == LEADER_WARM_CONNECTIONS

@@ -14,8 +14,6 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import aiohttp
-
 from app.dispatch.dispatcher import DispatchStats
 from app.dispatch.leader import LEADER_POOL_SIZE, DispatchLeader
 from app.dispatch.provider import ProviderClient
@@ -71,18 +69,23 @@ def fresh_term(settings: Settings, token: int) -> tuple[Term, FreshLease]:
     return term, lease
 
 
+def provider_client(settings: Settings) -> ProviderClient:
+    """The provider client a replica builds for ``settings`` (close it, or use ``async with``)."""
+    return ProviderClient(settings.provider_url, connections=settings.dispatch_concurrency)
+
+
 def dispatch_leader(
     settings: Settings,
     engine: Engine,
-    http: aiohttp.ClientSession,
+    provider: ProviderClient,
     stats: DispatchStats | None = None,
 ) -> DispatchLeader:
     """The dispatch side a replica builds, on ``engine`` (its leader pool), calling the
-    provider of ``settings`` through ``http``."""
+    provider through ``provider``."""
     return DispatchLeader(
         settings,
         engine,
-        ProviderClient(settings.provider_url, http),
+        provider,
         stats if stats is not None else DispatchStats(),
         Metrics(),
     )
@@ -97,9 +100,9 @@ async def leading(
     own_engine = engine is None
     if engine is None:
         engine = create_engine(settings, pool_size=LEADER_POOL_SIZE, leader=True)
-    async with aiohttp.ClientSession() as http:
+    async with provider_client(settings) as provider:
         stats = DispatchStats()
-        leader = dispatch_leader(settings, engine, http, stats)
+        leader = dispatch_leader(settings, engine, provider, stats)
         term, lease = fresh_term(settings, token)
         running = Leading(term, asyncio.create_task(leader(term)), lease, stats)
         try:

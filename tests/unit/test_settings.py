@@ -116,6 +116,11 @@ def test_the_database_url_gets_the_asyncpg_driver_and_keeps_a_unix_socket_host(
         ("DISPATCH_RAMP_SECONDS", "inf"),
         ("DISPATCH_RAMP_SECONDS", "601"),
         ("PROVIDER_TIMEOUT", "0"),
+        ("PROVIDER_URL", "ftp://provider.example"),
+        ("PROVIDER_URL", "provider.example:443"),
+        ("PROVIDER_URL", "https://"),
+        ("PROVIDER_URL", "https://provider.example/?account=1"),
+        ("PROVIDER_URL", "https://provider.example:99999"),
         ("MAX_BODY_BYTES", "100"),
     ],
 )
