@@ -108,3 +108,22 @@ def test_reaches_names_the_moment_the_limit_gets_there(
     assert slow.limit(at + 1e-3) >= wanted
     if at - 1e-3 > START:
         assert slow.limit(at - 1e-3) < wanted
+
+
+@GENERATED
+@given(
+    initial=st.integers(1, 1000),
+    ceiling=st.integers(1, 1000),
+    seconds=st.floats(0, 600),
+    at=st.floats(-1e6, 1e6) | st.just(math.nan),
+)
+def test_an_opened_slow_start_gives_the_ceiling_at_any_time(
+    initial: int, ceiling: int, seconds: float, at: float
+) -> None:
+    # A term whose first claim found no backlog (app.dispatch.dispatcher.claim_first).
+    opened = SlowStart(initial=initial, ceiling=ceiling, ramp=seconds, started=START).opened()
+    assert opened.limit(START + at) == ceiling
+    assert opened.reaches(ceiling) == START
+    # Never past the ceiling: a claim loop with no room waits for records, not a ramp (a flat
+    # ramp once answered "already", and a full loop woke every 5 ms).
+    assert opened.reaches(ceiling + 1) == math.inf
