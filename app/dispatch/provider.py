@@ -9,7 +9,7 @@ POST turned into a GET at another address proves nothing).
 
 from __future__ import annotations
 
-from types import TracebackType
+import contextlib
 from urllib.parse import urlencode
 
 from app.dispatch.provider_http import ProviderConnections, ProviderHTTPError, ProviderHTTPTimeout
@@ -20,7 +20,7 @@ from app.errors import UnknownOutcome
 _JSON = ("Content-Type", "application/json")
 
 
-class ProviderClient:
+class ProviderClient(contextlib.AbstractAsyncContextManager["ProviderClient"]):
     """The provider's charge and ledger endpoints over a bounded set of keep-alive
     connections (``connections``: as many as calls may be in flight). Close it with
     ``close()`` or use it as an async context manager."""
@@ -68,13 +68,5 @@ class ProviderClient:
         """Close the connections; calls after this fail with UnknownOutcome."""
         await self._http.close()
 
-    async def __aenter__(self) -> ProviderClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
