@@ -161,13 +161,12 @@ class Dispatcher:
         self._latency = metrics.provider_latency
         # The term's in-flight limit: a slow start (why: app.domain.concurrency), started
         # again at the term's first claim (claim_first).
-        self._slow_start = SlowStart(
+        self._ramp = SlowStart(
             initial=settings.dispatch_initial_concurrency,
             ceiling=settings.dispatch_concurrency,
             ramp=settings.dispatch_ramp_seconds,
             started=time.monotonic(),
         )
-        self._ramp = self._slow_start
         self.retry = retry_policy(settings)
         self._wake = asyncio.Event()
         self._outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
@@ -197,7 +196,7 @@ class Dispatcher:
         If that transaction does not commit, ``forget_first`` must follow."""
         # The slow start counts from the term's first claim: a take-over retried through
         # a Postgres outage (building the very backlog the ramp is for) must not use it up.
-        self._ramp = dataclasses.replace(self._slow_start, started=time.monotonic())
+        self._ramp = dataclasses.replace(self._ramp, started=time.monotonic())
         limit = min(self.settings.dispatch_batch_size, self._in_flight_limit())
         self._first = await claim_in(
             conn,
@@ -206,10 +205,6 @@ class Dispatcher:
             limit=limit,
             horizon=self.retry.horizon.total_seconds(),
         )
-        if len(self._first) < limit:
-            # No backlog at the term's start (the dead leader's calls re-queued included):
-            # nothing for the slow start to spread, so no ramp (app.domain.concurrency).
-            self._ramp = self._ramp.opened()
         # As after any claim: a full batch means more may wait (claim again at once).
         self._claimed_at = -CLAIM_GAP if len(self._first) == limit else time.monotonic()
 
@@ -218,8 +213,6 @@ class Dispatcher:
         may have happened unseen, so the first claim round also re-queues what is in flight
         under our token without a call of ours (as after any claim whose answer was lost)."""
         self._first = []
-        # What the failed claim saw proves nothing about the backlog: ramp as configured.
-        self._ramp = dataclasses.replace(self._slow_start, started=time.monotonic())
         self._claim_unsure = True
         self._claimed_at = -CLAIM_GAP
 

@@ -15,12 +15,6 @@ still drains faster than the soak's 250/s arrive: 16 in flight carried 313 payme
 50 ms), and the limit doubles every second from there. A long drain that starts after the
 ramp runs at the full limit.
 
-A term whose first claim comes back short of the initial limit found no backlog: nothing
-for the slow start to spread, and what arrives afterwards arrives at the offered rate (or as
-retries coming due, which the ramp never held back for more than its few seconds anyway).
-Such a term leads at the full limit at once (``opened``), as it would a few seconds later:
-a drain that starts soon after an idle take-over is not held to 16 in flight.
-
 Not adapted to round trips: a latency gradient (Netflix concurrency-limits' Gradient2) was
 tried and halved the drain here, because most of a payment's time in flight is spent
 waiting for its batched record, which the round trip of the call does not show.
@@ -30,7 +24,6 @@ Pure: the caller passes clock readings.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -58,10 +51,6 @@ class SlowStart:
     def flat(self) -> bool:
         """True when there is no ramp: the ceiling from the start."""
         return self.initial >= self.ceiling or self.ramp == 0
-
-    def opened(self) -> SlowStart:
-        """This slow start with no ramp left: the ceiling from now on."""
-        return dataclasses.replace(self, ramp=0.0)
 
     def limit(self, now: float) -> int:
         """Payments that may be in flight at monotonic time ``now``."""

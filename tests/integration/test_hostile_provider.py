@@ -245,33 +245,6 @@ async def test_a_new_leaders_first_wave_holds_the_initial_limit_unless_there_is_
     assert fewest <= first_wave <= most
 
 
-async def test_a_term_that_took_over_no_backlog_leads_at_the_full_limit_at_once(
-    database_url: str, db: asyncpg.Connection
-) -> None:
-    # The ramp stretched to 600 s would hold 16 in flight for the whole test: a backlog that
-    # arrives after an idle take-over is not held to it (nothing waited to be spread).
-    run = uuid.uuid4().hex[:8]
-    probe, references = f"probe-{run}", [f"later-{run}-{n}" for n in range(200)]
-    async with hostile_provider(lambda body, attempt: None) as provider:
-        provider.latency = 0.2
-        settings = dispatch_settings(database_url, provider.url).model_copy(
-            update={
-                "dispatch_concurrency": 100,
-                "dispatch_batch_size": 100,
-                "dispatch_initial_concurrency": 16,
-                "dispatch_ramp_seconds": 600.0,
-            }
-        )
-        async with leading(settings, token=1):
-            await enqueue(settings, [probe])
-            await settle(db, [probe])  # the term took over an empty queue and is charging
-            backlog_at = time.monotonic()
-            await enqueue(settings, references)
-            settled = await settle(db, references)
-    assert_never_wrong(provider, settled, final=set())
-    assert max(n for at, n in provider.arrivals if at >= backlog_at) > 16
-
-
 async def test_an_idle_term_does_not_poll_the_queue_while_it_ramps_up(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
