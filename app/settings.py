@@ -294,15 +294,11 @@ class Settings(BaseSettings):
     @field_validator("provider_url")
     @classmethod
     def _check_provider_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in {"http", "https"} or not parts.hostname:
-            raise ValueError(f"must be http:// or https:// with a host (got {value!r})")
-        if parts.query or parts.fragment:
-            raise ValueError(f"must not have a query or fragment (got {value!r})")
-        try:
-            parts.port  # noqa: B018 - raises on a port that is not a number in range
-        except ValueError as exc:
-            raise ValueError(f"has an invalid port (got {value!r}): {exc}") from None
+        # The leader's connections parse it; the same parse here makes a URL they cannot
+        # use a configuration error at start-up instead of a failure at the first term.
+        from app.dispatch.provider_http import parse_origin
+
+        parse_origin(value)
         return value
 
     @field_validator("replica_role")

@@ -72,6 +72,42 @@ def default_tls_context() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a base URL points: scheme, host, port, path prefix and the Host header."""
+
+    tls: bool
+    host: str
+    port: int
+    path: str  # without a trailing slash
+    host_header: str
+
+
+def parse_origin(base_url: str) -> Origin:
+    """The origin of ``base_url``; ValueError saying what is wrong with it otherwise (the
+    settings check ``PAYDISPATCH_PROVIDER_URL`` with this, so a URL these connections
+    cannot use is a configuration error, not a failure at the first term)."""
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"provider URL must be http:// or https:// with a host: {base_url!r}")
+    if parts.query or parts.fragment or parts.username is not None:
+        raise ValueError(f"provider URL must not have a query, fragment or user info: {base_url!r}")
+    if _FORBIDDEN_IN_PATH.intersection(parts.path) or not parts.path.isascii():
+        raise ValueError(f"provider URL path must be plain ASCII without spaces: {base_url!r}")
+    tls = parts.scheme == "https"
+    default_port = 443 if tls else 80
+    port = parts.port or default_port  # raises on an invalid port
+    host = parts.hostname
+    bracketed = f"[{host.split('%')[0]}]" if ":" in host else host
+    return Origin(
+        tls=tls,
+        host=host,
+        port=port,
+        path=parts.path.rstrip("/"),
+        host_header=bracketed if port == default_port else f"{bracketed}:{port}",
+    )
+
+
 class _Connection(asyncio.Protocol):
     """One connection: at most one exchange at a time, parsed by httptools."""
 
@@ -271,22 +307,14 @@ class ProviderConnections:
     ) -> None:
         if limit < 1:
             raise ValueError(f"connection limit must be at least 1, not {limit}")
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"provider URL must be http:// or https:// with a host: {base_url!r}")
-        if parts.query or parts.fragment or parts.username is not None:
-            raise ValueError(
-                f"provider URL must not have a query, fragment or user info: {base_url!r}"
-            )
-        if _FORBIDDEN_IN_PATH.intersection(parts.path) or not parts.path.isascii():
-            raise ValueError(f"provider URL path must be plain ASCII without spaces: {base_url!r}")
-        self.tls = parts.scheme == "https"
-        self.host = parts.hostname
-        self.port = parts.port or (443 if self.tls else 80)  # raises on an invalid port
-        self.path = parts.path.rstrip("/")
-        host = f"[{self.host.split('%')[0]}]" if ":" in self.host else self.host
-        default_port = self.port == (443 if self.tls else 80)
-        self._host_header = host if default_port else f"{host}:{self.port}"
+        origin = parse_origin(base_url)
+        self.tls, self.host, self.port, self.path = (
+            origin.tls,
+            origin.host,
+            origin.port,
+            origin.path,
+        )
+        self._host_header = origin.host_header
         self._ssl = ssl_context
         self._max = max_answer_bytes
         self._idle_seconds = idle_seconds

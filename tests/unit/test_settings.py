@@ -121,6 +121,8 @@ def test_the_database_url_gets_the_asyncpg_driver_and_keeps_a_unix_socket_host(
         ("PROVIDER_URL", "https://"),
         ("PROVIDER_URL", "https://provider.example/?account=1"),
         ("PROVIDER_URL", "https://provider.example:99999"),
+        ("PROVIDER_URL", "https://user:secret@provider.example"),
+        ("PROVIDER_URL", "https://provider.example/a path"),
         ("MAX_BODY_BYTES", "100"),
     ],
 )
