@@ -143,7 +143,7 @@ async def _leadership(app: web.Application) -> AsyncIterator[None]:
     client = EtcdClient(
         settings.etcd_endpoints, timeout=settings.etcd_timeout, security=config.security
     )
-    # The leader's own pool and HTTP session: ingest load must not starve the dispatcher
+    # The leader's own pool and provider connections: ingest load must not starve the dispatcher
     # of connections, nor the other way round.
     leader_engine = create_engine(settings, pool_size=LEADER_POOL_SIZE, leader=True)
     # Keep-alive connections, as many as calls may be in flight, so a steady drain never
