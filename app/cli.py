@@ -111,13 +111,13 @@ def provider(**options: Any) -> None:
 
     Every option also reads PAYDISPATCH_PROVIDER_<NAME>.
     """
-    from app.sandbox import SandboxConfigError, load_sandbox_settings, run_sandbox
+    from app.sandbox import SandboxConfigError, load_sandbox_settings, serve
 
     try:
         settings = load_sandbox_settings(**options)
     except SandboxConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    _run(run_sandbox(settings))
+    serve(settings)
 
 
 @main.command()

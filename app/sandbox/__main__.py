@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 
-from app.sandbox.server import run_sandbox
+from app.sandbox.server import serve
 from app.sandbox.settings import SandboxConfigError, load_sandbox_settings
 
 
@@ -21,7 +20,7 @@ def main() -> int:
         print(f"paydispatch provider: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(run_sandbox(settings))
+        serve(settings)
     except OSError as exc:  # typically the port is already in use
         print(f"paydispatch provider: cannot serve: {exc}", file=sys.stderr)
         return 1

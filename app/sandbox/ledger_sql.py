@@ -26,6 +26,8 @@ from app.sandbox.records import (
 )
 
 SCHEMA = """
+-- Keys whose first request is under way, with the parameters they were sent with. A charged
+-- key is its row in charges; 'completed' rows here are what earlier versions also kept.
 CREATE TABLE IF NOT EXISTS idempotency_keys (
     key        TEXT PRIMARY KEY,
     state      TEXT NOT NULL CHECK (state IN ('processing', 'completed')),
@@ -161,8 +163,10 @@ def reserve(key: str, params: ChargeParams, conn: sqlite3.Connection) -> Reserve
     """Mark ``key`` processing if it is new, else report what the ledger holds for it."""
     inserted = conn.execute(
         "INSERT INTO idempotency_keys (key, state, amount, currency, reference, created_at) "
-        "VALUES (?, 'processing', ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
-        (key, params.amount, params.currency, params.reference, time()),
+        "SELECT ?, 'processing', ?, ?, ?, ? "
+        "WHERE NOT EXISTS (SELECT 1 FROM charges WHERE idempotency_key = ?) "
+        "ON CONFLICT (key) DO NOTHING",
+        (key, params.amount, params.currency, params.reference, time(), key),
     ).rowcount
     if inserted == 1:
         return Reserved()
@@ -172,75 +176,86 @@ def reserve(key: str, params: ChargeParams, conn: sqlite3.Connection) -> Reserve
 def charge_at_once(new: NewCharge, conn: sqlite3.Connection) -> ReserveResult | Charge:
     """``reserve`` then ``complete`` in one job, for a charge with no latency to play: the
     charge if the key is new, else what the ledger holds for it (as ``reserve`` says).
-    One job instead of two halves the thread hand-offs and commits per charge; the key is
-    inserted completed at once (the rows ``reserve`` + ``complete`` leave, in two statements
-    instead of three)."""
-    params = new.params
-    inserted = conn.execute(
-        "INSERT INTO idempotency_keys "
-        "(key, state, amount, currency, reference, charge_id, created_at) "
-        "VALUES (?, 'completed', ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
-        (new.idempotency_key, params.amount, params.currency, params.reference, new.id, time()),
-    ).rowcount
-    if inserted == 1:
-        return _insert_charge(new, conn)
+
+    One statement: the charge row, unless its key was charged already (the UNIQUE key of
+    ``charges``) or is reserved by a request still under way (another process sharing the
+    file). Nothing goes to ``idempotency_keys``: a completed key is its charge row. One
+    INSERT fewer per charge, and one job instead of two halves the thread hand-offs and
+    commits per charge."""
+    cursor = conn.execute(
+        f"INSERT INTO charges ({_INSERTED_COLUMNS}) SELECT ?,?,?,?,?,?,?,?,?,? "
+        "WHERE NOT EXISTS (SELECT 1 FROM idempotency_keys WHERE key = ?) "
+        "ON CONFLICT (idempotency_key) DO NOTHING",
+        (*_charge_values(new), new.idempotency_key),
+    )
+    if cursor.rowcount == 1:
+        return _inserted(new, cursor)
     return _existing(new.idempotency_key, conn)
 
 
 def _existing(key: str, conn: sqlite3.Connection) -> ReserveResult:
-    state, amount, currency, reference = conn.execute(
-        "SELECT state, amount, currency, reference FROM idempotency_keys WHERE key = ?", (key,)
-    ).fetchone()
-    if state == "processing":
-        return InProgress(ChargeParams(amount, currency, reference))
     row = conn.execute(
         f"SELECT {CHARGE_COLUMNS} FROM charges WHERE idempotency_key = ?", (key,)
     ).fetchone()
-    if row is None:  # cannot happen: completion writes both rows in one transaction
-        raise RuntimeError(f"idempotency key {key!r} is completed but has no charge")
-    return AlreadyCharged(charge_from_row(row))
+    if row is not None:
+        return AlreadyCharged(charge_from_row(row))
+    reserved = conn.execute(
+        "SELECT state, amount, currency, reference FROM idempotency_keys WHERE key = ?", (key,)
+    ).fetchone()
+    if reserved is None or reserved[0] != "processing":
+        # Cannot happen: the caller's INSERT just found the key charged or reserved, in
+        # this same transaction (a ``completed`` row is what earlier versions kept).
+        raise RuntimeError(f"idempotency key {key!r} is neither charged nor in progress")
+    return InProgress(ChargeParams(reserved[1], reserved[2], reserved[3]))
 
 
 def complete(new: NewCharge, conn: sqlite3.Connection) -> Charge:
-    """Record the charge and mark its key completed (the caller's transaction makes the
-    two one)."""
+    """Record the charge and drop its reservation (the caller's transaction makes the two
+    one): from now on the charge row is what says the key was used."""
     charge = _insert_charge(new, conn)
-    params = new.params
-    conn.execute(
-        "INSERT INTO idempotency_keys "
-        "(key, state, amount, currency, reference, charge_id, created_at) "
-        "VALUES (?, 'completed', ?, ?, ?, ?, ?) "
-        "ON CONFLICT (key) DO UPDATE SET state = 'completed', charge_id = excluded.charge_id",
-        (new.idempotency_key, params.amount, params.currency, params.reference, new.id, time()),
-    )
+    conn.execute("DELETE FROM idempotency_keys WHERE key = ?", (new.idempotency_key,))
     return charge
 
 
-def _insert_charge(new: NewCharge, conn: sqlite3.Connection) -> Charge:
-    """Insert the charge row; the caller completes its key in the same transaction."""
+_INSERTED_COLUMNS = (
+    "id, idempotency_key, status, amount, currency, reference, decline_code, description, "
+    "metadata, created_at"
+)
+
+
+def _charge_values(new: NewCharge) -> tuple[Any, ...]:
     params = new.params
     # orjson: compact UTF-8 (the stdlib wrote \u escapes and spaces): the same mapping
     # when read back, by either decoder.
     metadata = orjson.dumps(new.metadata).decode() if new.metadata is not None else None
+    return (
+        new.id,
+        new.idempotency_key,
+        new.status,
+        params.amount,
+        params.currency,
+        params.reference,
+        new.decline_code,
+        new.description,
+        metadata,
+        new.created_at,
+    )
+
+
+def _insert_charge(new: NewCharge, conn: sqlite3.Connection) -> Charge:
+    """Insert the charge row; the caller completes its key in the same transaction."""
     # Fails on the UNIQUE idempotency_key if the key was ever charged: at most once, always.
     cursor = conn.execute(
-        "INSERT INTO charges (id, idempotency_key, status, amount, currency, reference, "
-        "decline_code, description, metadata, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-        (
-            new.id,
-            new.idempotency_key,
-            new.status,
-            params.amount,
-            params.currency,
-            params.reference,
-            new.decline_code,
-            new.description,
-            metadata,
-            new.created_at,
-        ),
+        f"INSERT INTO charges ({_INSERTED_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+        _charge_values(new),
     )
+    return _inserted(new, cursor)
+
+
+def _inserted(new: NewCharge, cursor: sqlite3.Cursor) -> Charge:
     sequence = cursor.lastrowid
     assert sequence is not None
+    params = new.params
     return Charge(
         sequence=sequence,
         id=new.id,

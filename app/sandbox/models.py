@@ -12,8 +12,9 @@ from collections.abc import Mapping
 from typing import Annotated, Any
 
 import orjson
-from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from app.sandbox.asgi import Answer
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 PROBLEM_BASE = "urn:paydispatch:provider:problem:"
@@ -61,19 +62,15 @@ class FieldError(dict[str, str]):
 
 
 JSON_UTF8 = "application/json; charset=utf-8"
+PROBLEM_JSON_UTF8 = f"{PROBLEM_CONTENT_TYPE}; charset=utf-8"
 
 
 def orjson_response(
     payload: Any, *, status: int = 200, headers: dict[str, str] | None = None
-) -> web.Response:
+) -> Answer:
     """A JSON answer encoded by orjson (several times the stdlib's speed; charges and
-    ledger pages are the provider's own encoding work), with the Content-Type
-    ``web.json_response`` gives, passed as the header it becomes."""
-    return web.Response(
-        body=orjson.dumps(payload),
-        status=status,
-        headers={**headers, "Content-Type": JSON_UTF8} if headers else {"Content-Type": JSON_UTF8},
-    )
+    ledger pages are the provider's own encoding work)."""
+    return Answer(status, orjson.dumps(payload), JSON_UTF8, headers)
 
 
 def problem(
@@ -85,7 +82,7 @@ def problem(
     errors: list[FieldError] | None = None,
     headers: dict[str, str] | None = None,
     **extra: Any,
-) -> web.Response:
+) -> Answer:
     """An RFC 9457 problem response."""
     body: dict[str, Any] = {
         "type": PROBLEM_BASE + slug,
@@ -96,12 +93,10 @@ def problem(
     if errors is not None:
         body["errors"] = errors
     body.update(extra)
-    return web.json_response(
-        body, status=status, headers=headers, content_type=PROBLEM_CONTENT_TYPE
-    )
+    return Answer(status, orjson.dumps(body), PROBLEM_JSON_UTF8, headers)
 
 
-def invalid_request(errors: list[FieldError]) -> web.Response:
+def invalid_request(errors: list[FieldError]) -> Answer:
     """400 naming every offending field."""
     fields = ", ".join(sorted({error["field"] for error in errors}))
     return problem(
@@ -119,8 +114,8 @@ def check_idempotency_key(value: str | None) -> tuple[str | None, list[FieldErro
         return None, [FieldError("Idempotency-Key", "header is required")]
     if len(value) > MAX_KEY_LENGTH:
         return None, [FieldError("Idempotency-Key", f"must be at most {MAX_KEY_LENGTH} characters")]
-    # str.isprintable() rejects control characters and the surrogates aiohttp uses to carry
-    # undecodable header bytes.
+    # str.isprintable() rejects control characters and the lone surrogates that carry
+    # undecodable header bytes (app.sandbox.asgi.Request.header).
     if not value.isprintable():
         return None, [FieldError("Idempotency-Key", "must contain printable characters only")]
     return value, []

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from app.sandbox.asgi import Answer, Request
 from app.sandbox.models import (
     DEFAULT_LIST_LIMIT,
     MAX_CURSOR,
@@ -19,13 +19,12 @@ from app.sandbox.models import (
     parse_text_param,
     problem,
 )
-from app.sandbox.state import SANDBOX_STATE
+from app.sandbox.state import SandboxState
 
 
-async def list_charges(request: web.Request) -> web.Response:
+async def list_charges(state: SandboxState, request: Request) -> Answer:
     """``GET /v1/charges?after=&limit=&idempotency_key=&reference=``: the ledger, oldest
     first, keyset-paginated by ``sequence``. Pass ``next_after`` as ``after`` to continue."""
-    state = request.app[SANDBOX_STATE]
     query = request.query
     limit, errors = parse_int_param(
         query, "limit", default=DEFAULT_LIST_LIMIT, minimum=1, maximum=MAX_LIST_LIMIT
@@ -51,28 +50,26 @@ async def list_charges(request: web.Request) -> web.Response:
     )
 
 
-async def get_charge(request: web.Request) -> web.Response:
+async def get_charge(state: SandboxState, request: Request) -> Answer:
     """``GET /v1/charges/{id}``: one charge, or 404."""
-    state = request.app[SANDBOX_STATE]
-    charge_id, errors = parse_text_param(request.match_info, "id")
+    charge_id, errors = parse_text_param(request.path_params, "id")
     charge = await state.require_ledger().get_charge(charge_id) if charge_id else None
     if charge is None or errors:
         return problem(404, "no-such-charge", "No such charge", f"No charge has id {charge_id!r}.")
     return orjson_response(charge.to_json())
 
 
-async def healthz(request: web.Request) -> web.Response:
+async def healthz(state: SandboxState, request: Request) -> Answer:
     """``GET /healthz``: 200 once the ledger is open and the port is bound."""
-    request.app[SANDBOX_STATE].require_ledger()
-    return web.json_response({"status": "ok"})
+    state.require_ledger()
+    return orjson_response({"status": "ok"})
 
 
-async def stats(request: web.Request) -> web.Response:
+async def stats(state: SandboxState, request: Request) -> Answer:
     """``GET /v1/stats``: durable ledger counts plus counters since start."""
-    state = request.app[SANDBOX_STATE]
     counts = await state.require_ledger().counts()
     s = state.stats
-    return web.json_response(
+    return orjson_response(
         {
             "charges": counts.succeeded + counts.declined,
             "succeeded": counts.succeeded,
@@ -95,9 +92,9 @@ async def stats(request: web.Request) -> web.Response:
     )
 
 
-async def metrics(request: web.Request) -> web.Response:
+async def metrics(state: SandboxState, request: Request) -> Answer:
     """``GET /metrics``: the provider's own Prometheus counters since start."""
-    s = request.app[SANDBOX_STATE].stats
+    s = state.stats
     families = [
         CounterMetricFamily(
             "paydispatch_sandbox_requests", "Charge requests received.", value=s.requests
@@ -123,10 +120,7 @@ async def metrics(request: web.Request) -> web.Response:
         families[4].add_metric([kind], s.faults[kind])
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(families))
-    return web.Response(
-        body=generate_latest(registry),
-        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
-    )
+    return Answer(200, generate_latest(registry), "text/plain; version=0.0.4; charset=utf-8")
 
 
 class _Families(Collector):

@@ -7,8 +7,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from aiohttp import web
-
 from app.sandbox.faults import FaultInjector
 from app.sandbox.ledger import Ledger
 from app.sandbox.records import ChargeParams, LedgerClosed
@@ -31,7 +29,7 @@ class SandboxStats:
 
 @dataclass
 class SandboxState:
-    """Everything the handlers share; one per application."""
+    """Everything the handlers share; one per provider."""
 
     settings: SandboxSettings
     faults: FaultInjector
@@ -47,9 +45,6 @@ class SandboxState:
         if self.ledger is None:
             raise LedgerClosed("the provider ledger is not open")
         return self.ledger
-
-
-SANDBOX_STATE = web.AppKey("sandbox_state", SandboxState)
 
 
 class _Clock:
