@@ -38,8 +38,10 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
     created_at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS charges (
-    -- AUTOINCREMENT: a sequence number is never reused, so it is a safe pagination cursor.
-    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    -- A sequence number is never reused, so it is a safe pagination cursor: SQLite gives a
+    -- new row the largest rowid + 1, and no charge row is ever deleted. (AUTOINCREMENT would
+    -- guarantee it even across deletes, at the price of a sqlite_sequence update per insert.)
+    seq             INTEGER PRIMARY KEY,
     id              TEXT NOT NULL UNIQUE,
     idempotency_key TEXT NOT NULL UNIQUE,
     status          TEXT NOT NULL CHECK (status IN ('succeeded', 'declined')),

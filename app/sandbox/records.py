@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class LedgerClosed(RuntimeError):
     """The ledger is closed (the provider is shutting down)."""
 
 
-@dataclass(frozen=True, slots=True)
-class ChargeParams:
+# The three records made per charge are named tuples, not frozen dataclasses: as immutable,
+# and a frozen dataclass's __init__ (one object.__setattr__ per field) cost ~8 µs per charge
+# on this VM, a visible share of the provider's CPU per charge.
+
+
+class ChargeParams(NamedTuple):
     """The parameters a key is bound to: reusing the key with others is an error (422)."""
 
     amount: int
@@ -19,8 +23,7 @@ class ChargeParams:
     reference: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class NewCharge:
+class NewCharge(NamedTuple):
     """A charge decided by the server, not yet recorded."""
 
     id: str
@@ -33,8 +36,7 @@ class NewCharge:
     created_at: str
 
 
-@dataclass(frozen=True, slots=True)
-class Charge:
+class Charge(NamedTuple):
     """A recorded charge; ``sequence`` is its position in the ledger."""
 
     sequence: int

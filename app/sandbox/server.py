@@ -219,15 +219,17 @@ class _ChargeIds:
     ``getrandom`` call per id was a visible share of the provider's CPU per charge."""
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._random = ""
         self._at = 0
 
     def next(self) -> str:
-        if self._at >= len(self._buffer):
-            self._buffer, self._at = secrets.token_bytes(6 * 1024), 0
-        raw = self._buffer[self._at : self._at + 6]
-        self._at += 6
-        return f"ch_{time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF:012x}{raw.hex()}"
+        if self._at >= len(self._random):
+            self._random, self._at = secrets.token_hex(6 * 1024), 0
+        at = self._at
+        self._at = at + 12
+        return (
+            f"ch_{time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF:012x}{self._random[at : at + 12]}"
+        )
 
 
 _charge_ids = _ChargeIds()
