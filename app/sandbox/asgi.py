@@ -7,10 +7,11 @@ fixed request for roughly two thirds of the CPU, side by side in ``load.bench_pr
 Nothing here parses HTTP: uvicorn does. This module only routes a parsed request to a
 handler and turns the handler's :class:`Answer` into the two ASGI messages.
 
-Two things ASGI cannot say are added by :class:`ProviderProtocol`, a thin subclass of
-uvicorn's protocol: closing the connection without any answer (the provider's "response
-lost after the charge" fault) and a bound on a request's head, which uvicorn leaves to the
-application server in front of it.
+:class:`ProviderProtocol`, a thin subclass of uvicorn's protocol, adds what ASGI cannot
+say or uvicorn leaves to a proxy in front of it: closing the connection without any answer
+(the provider's "response lost after the charge" fault), a bound on a request's head (431),
+one write per answer, a clean 400 for an ``Upgrade`` it does not speak, and a running request
+told of its client's disconnect even with another request pipelined behind it.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 # The scope extension through which a handler closes its connection without an answer.
 CLOSE_EXTENSION = "paydispatch.close_connection"
+# Set on a request that asked for an Upgrade: its body was never parsed (answered 400).
+UPGRADE_EXTENSION = "paydispatch.upgrade_refused"
 # A request line plus headers larger than this is refused (431), as aiohttp refused a line
 # or field over 8 KiB: without a bound, one endless header would grow without limit.
 MAX_HEAD_BYTES = 64 * 1024
@@ -37,6 +40,10 @@ Send = Callable[[Message], Awaitable[None]]
 
 class BodyTooLarge(Exception):
     """The request body is over the configured limit (answered 413)."""
+
+
+class UpgradeRefused(Exception):
+    """The request asked for an ``Upgrade``; its body was not parsed (answered 400)."""
 
 
 class ClientGone(Exception):
@@ -73,6 +80,7 @@ class Request:
     path_params: dict[str, str]
     _receive: Receive
     max_body: int
+    upgrade_refused: bool = False
     _query: dict[str, str] | None = field(default=None)
 
     def header(self, name: bytes) -> str | None:
@@ -102,6 +110,8 @@ class Request:
     async def read(self) -> bytes:
         """The whole body; :class:`BodyTooLarge` past the limit, :class:`ClientGone` if the
         client left first."""
+        if self.upgrade_refused:
+            raise UpgradeRefused
         declared = self.header(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
             raise BodyTooLarge  # refused before reading a byte of it
@@ -213,16 +223,19 @@ class AsgiApp:
             {},
             receive,
             self._max_body,
+            UPGRADE_EXTENSION in scope.get("extensions", {}),
         )
         try:
             handler, request.path_params = self._router.resolve(request.method, request.path)
             reply = await handler(request)
         except ClientGone:
             return  # nobody to answer
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            # CancelledError: uvicorn cancels what still runs when the shutdown grace is
+            # over; this answers it (and ends the task) instead of uvicorn's bare 500.
             reply = self._on_error(request, exc)
         if isinstance(reply, Dropped):
-            await _drop(scope, receive)
+            await _drop(scope)
             return
         await send_answer(send, reply)
 
@@ -242,18 +255,16 @@ async def send_answer(send: Send, answer: Answer) -> None:
     await send({"type": "http.response.body", "body": answer.body})
 
 
-async def _drop(scope: Scope, receive: Receive) -> None:
+async def _drop(scope: Scope) -> None:
     close = scope.get("extensions", {}).get(CLOSE_EXTENSION, {}).get("close")
     if close is None:
         raise RuntimeError(
             "the server gives no way to close a connection without an answer: serve the "
             "provider with ProviderProtocol"
         )
-    close()
-    # Return only once the server has seen the connection go: returning earlier, with no
+    # Returns once the server has seen the connection go: returning earlier, with no
     # answer started, makes uvicorn log an error and write a 500 to the closed transport.
-    while (await receive())["type"] != "http.disconnect":
-        pass
+    await close()
 
 
 class _CorkedTransport(asyncio.Transport):
@@ -285,7 +296,10 @@ class _CorkedTransport(asyncio.Transport):
             return
         data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
         self._pending.clear()
-        self._transport.write(data)
+        # A closed uvloop transport raises on write where asyncio's drops the bytes; the
+        # client is gone either way (it left mid-answer, or the answer was dropped).
+        if not self._transport.is_closing():
+            self._transport.write(data)
 
     def close(self) -> None:
         """Flush, then close (the real transport sends what it buffered first)."""
@@ -348,20 +362,40 @@ class _CorkedTransport(asyncio.Transport):
 
 
 class ProviderProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with the two things ASGI lacks (see the module doc):
-    a scope extension that closes the connection, and a bound on a request's head; and
-    one write per answer (:class:`_CorkedTransport`)."""
+    """uvicorn's httptools protocol, plus what ASGI cannot say or uvicorn leaves out (see
+    the module doc). It leans on uvicorn internals (the running cycle's ``disconnected``,
+    ``message_event``, ``keep_alive``), so uvicorn is pinned to the minor version these
+    were read from; tests/integration/test_sandbox_wire.py exercises each of them."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._head_bytes = 0
-        self._in_head = True
         self._corked: _CorkedTransport | None = None
+        # The cycle whose application runs (uvicorn runs one at a time per connection).
+        self._running: RequestResponseCycle | None = None
+        self._gone: asyncio.Future[None] = self.loop.create_future()
+        self._heads = 0  # request heads begun on this connection
+        self._head_open = False  # the latest head has begun and is not complete
+        self._head_bytes = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Serve the connection through a :class:`_CorkedTransport`."""
         self._corked = _CorkedTransport(transport, self.loop)
         super().connection_made(self._corked)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Tell the running request too: uvicorn tells only the newest one, so a request
+        with another pipelined behind it would wait for its disconnect forever."""
+        running = self._running
+        if running is not None and not running.response_complete:
+            running.disconnected = True
+            running.message_event.set()
+        if not self._gone.done():
+            self._gone.set_result(None)
+        super().connection_lost(exc)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        self._running = cycle
+        super()._start_asgi_task(cycle, app)
 
     def on_response_complete(self) -> None:
         """The answer is written: send it now, as one write."""
@@ -370,32 +404,54 @@ class ProviderProtocol(HttpToolsProtocol):
         super().on_response_complete()
 
     def data_received(self, data: bytes) -> None:
-        """Count bytes while a request's head is incomplete; refuse an oversized head."""
-        if self._in_head:
+        """Parse, then refuse a head that has grown past MAX_HEAD_BYTES. Only chunks that
+        arrive wholly inside a head begun earlier are counted (a chunk that begins or ends
+        one also holds bodies or other requests): a head is refused a chunk late at
+        worst, a legal request never."""
+        heads = self._heads
+        super().data_received(data)
+        if self._head_open and self._heads == heads and not self.transport.is_closing():
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
-                self._refuse_head()
-                return
-        super().data_received(data)
+                self._refuse(b"431 Request Header Fields Too Large", b"request head too large")
 
     def on_message_begin(self) -> None:
         """A new request: its scope carries the close extension."""
         super().on_message_begin()
-        self._in_head = True
-        self.scope["extensions"] = {CLOSE_EXTENSION: {"close": self.transport.close}}
+        self._heads += 1
+        self._head_open = True
+        self._head_bytes = 0
+        self.scope["extensions"] = {CLOSE_EXTENSION: {"close": self._close_without_answer}}
 
     def on_headers_complete(self) -> None:
-        """The head is complete: stop counting until the next request begins."""
-        self._in_head = False
-        self._head_bytes = 0
+        """The head is complete."""
+        self._head_open = False
         super().on_headers_complete()
 
-    def _refuse_head(self) -> None:
-        body = b"Request header fields too large"
-        self.transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-            b"content-type: text/plain; charset=utf-8\r\n"
-            b"connection: close\r\n"
-            b"content-length: %d\r\n\r\n%s" % (len(body), body)
-        )
+    def _unsupported_upgrade_warning(self) -> None:
+        """An ``Upgrade`` (``h2c`` from ``curl --http2``, say): uvicorn stops parsing and
+        would leave the request waiting for a body that is never parsed. End the request's
+        body here, mark it so that reading its body answers 400, and close after it."""
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            self.transport.close()
+            return
+        cycle.scope.setdefault("extensions", {})[UPGRADE_EXTENSION] = {}
+        cycle.keep_alive = False
+        cycle.more_body = False
+        cycle.message_event.set()
+
+    async def _close_without_answer(self) -> None:
+        self.transport.close()
+        await asyncio.shield(self._gone)
+
+    def _refuse(self, status: bytes, reason: bytes) -> None:
+        """A plain answer and a close; only the close while an earlier request's answer
+        is still to come, which an answer sent now would overtake."""
+        running = self._running
+        if running is None or running.response_complete:
+            self.transport.write(
+                b"HTTP/1.1 %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (status, len(reason), reason)
+            )
         self.transport.close()

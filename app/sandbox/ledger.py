@@ -6,6 +6,10 @@ above this layer cannot charge a key twice, and a key's charge row is what says 
 with the parameters they were first sent with. Completing a key inserts its charge and
 deletes its reservation in ONE transaction, so "charged" and "recorded" cannot drift apart:
 a key left ``processing`` by a crash was never charged and is deleted on the next start.
+Earlier versions also kept a ``completed`` row per charged key; such files read correctly
+(a key's charge row is looked up first). The reverse does not hold: an earlier version
+answers 500 to a replay of a key charged by this one (never a second charge), so do not
+share one file between versions.
 
 SQLite never runs on the event loop. All writes go through one connection owned by one
 thread, fed by a writer task that commits every job queued meanwhile in one transaction

@@ -45,6 +45,7 @@ from app.sandbox.asgi import (
     Reply,
     Request,
     Router,
+    UpgradeRefused,
 )
 from app.sandbox.faults import FaultDraw, FaultInjector
 from app.sandbox.ledger import Ledger
@@ -283,6 +284,27 @@ def _error_answer(request: Request, exc: BaseException) -> Answer:
             "http-413",
             "Request Entity Too Large",
             f"{where}: the body is over the provider's limit of {request.max_body} bytes.",
+            # The rest of the body may still be on its way (or owed, after an Expect:
+            # 100-continue): the connection cannot carry another request.
+            headers={"Connection": "close"},
+        )
+    if isinstance(exc, UpgradeRefused):
+        return problem(
+            400,
+            "upgrade-unsupported",
+            "Upgrade not supported",
+            f"{where}: this provider speaks HTTP/1.1 only; send the request without "
+            "Upgrade and Connection: upgrade.",
+            headers={"Connection": "close"},
+        )
+    if isinstance(exc, asyncio.CancelledError):
+        return problem(
+            503,
+            "stopping",
+            "Provider stopping",
+            "The provider stopped before answering; the charge may or may not have been "
+            "made: retry with the same key to learn its result.",
+            headers={"Retry-After": "1", "Connection": "close"},
         )
     if isinstance(exc, LedgerClosed):
         return problem(
@@ -320,12 +342,15 @@ class _Server(uvicorn.Server):
 
 
 def _listen(host: str, port: int) -> socket.socket:
-    """The listening socket, bound before uvicorn starts so the port is known (0: any)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    """The listening socket on the first address ``host`` resolves to, bound before
+    uvicorn starts so that the port is known (0: any free port)."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
+        sock.bind(address)
         sock.listen(1024)
         sock.setblocking(False)
     except BaseException:
@@ -346,6 +371,8 @@ async def run_sandbox(settings: SandboxSettings, *, stop: asyncio.Event | None =
     try:
         sock = _listen(settings.host, settings.port)
         host, port = sock.getsockname()[:2]
+        if ":" in host:
+            host = f"[{host}]"
         server = _Server(
             uvicorn.Config(
                 create_sandbox_app(state),

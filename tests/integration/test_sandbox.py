@@ -7,6 +7,7 @@ matters is how many charges exist per idempotency key, not what one response sai
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -136,7 +137,7 @@ async def test_charge_then_replay_returns_the_same_charge_once(
     assert first.status == 201
     assert not first.replayed
     assert first.body["status"] == "succeeded"
-    assert first.body["id"].startswith("ch_")
+    assert re.fullmatch(r"ch_[0-9a-f]{24}", first.body["id"])
     assert first.body["idempotency_key"] == "replay-1"
     assert again.status == 201
     assert again.replayed
@@ -567,4 +568,67 @@ def test_a_failing_write_in_a_group_commit_is_undone_alone(tmp_path: Path) -> No
     charged = conn.execute("SELECT idempotency_key, id FROM charges ORDER BY idempotency_key")
     assert charged.fetchall() == [("k1", "ch_1"), ("k3", "ch_3")]
     assert conn.execute("SELECT id FROM charges ORDER BY seq").fetchall() == [("ch_1",), ("ch_3",)]
+    conn.close()
+
+
+def _ledger_conn(tmp_path: Path) -> Any:
+    from app.sandbox import ledger_sql as sql
+
+    return sql.connect(tmp_path / "ledger.sqlite3", writer=True, durable=False)
+
+
+def test_a_key_reserved_elsewhere_is_in_progress_and_its_completion_frees_it(
+    tmp_path: Path,
+) -> None:
+    """Another process sharing the file holds the key (latency path): a charge at once
+    must not charge it; once that one completes, the key is its charge row alone."""
+    from app.sandbox import ledger_sql as sql
+    from app.sandbox.records import (
+        AlreadyCharged,
+        Charge,
+        ChargeParams,
+        InProgress,
+        NewCharge,
+        Reserved,
+    )
+
+    conn = _ledger_conn(tmp_path)
+    params = ChargeParams(100, "EUR", "r")
+    new = NewCharge("ch_a", "k", "succeeded", params, None, None, None, "t")
+    assert isinstance(sql.run_batch(conn, [lambda c: sql.reserve("k", params, c)])[0], Reserved)
+
+    (blocked,) = sql.run_batch(conn, [lambda c: sql.charge_at_once(new._replace(id="ch_b"), c)])
+    assert blocked == InProgress(params)
+    assert conn.execute("SELECT COUNT(*) FROM charges").fetchone()[0] == 0
+
+    (charged,) = sql.run_batch(conn, [lambda c: sql.complete(new, c)])
+    assert isinstance(charged, Charge)
+    assert conn.execute("SELECT COUNT(*) FROM idempotency_keys").fetchone()[0] == 0
+    (again,) = sql.run_batch(conn, [lambda c: sql.reserve("k", params, c)])
+    assert isinstance(again, AlreadyCharged)
+    assert again.charge.id == "ch_a"
+    conn.close()
+
+
+def test_a_ledger_written_by_an_earlier_version_replays_its_keys(tmp_path: Path) -> None:
+    """Earlier versions kept a 'completed' key row beside each charge: such a key replays
+    its charge, whether asked at once or through a reservation."""
+    from app.sandbox import ledger_sql as sql
+    from app.sandbox.records import AlreadyCharged, ChargeParams, NewCharge
+
+    conn = _ledger_conn(tmp_path)
+    params = ChargeParams(100, "EUR", None)
+    first = NewCharge("ch_old", "old-key", "succeeded", params, None, None, None, "t")
+    sql.run_batch(conn, [lambda c: sql.charge_at_once(first, c)])
+    conn.execute(
+        "INSERT INTO idempotency_keys (key, state, amount, currency, reference, charge_id,"
+        " created_at) VALUES ('old-key', 'completed', 100, 'EUR', NULL, 'ch_old', 0)"
+    )
+    retry = first._replace(id="ch_new")
+    (at_once,) = sql.run_batch(conn, [lambda c: sql.charge_at_once(retry, c)])
+    (reserved,) = sql.run_batch(conn, [lambda c: sql.reserve("old-key", params, c)])
+    for outcome in (at_once, reserved):
+        assert isinstance(outcome, AlreadyCharged)
+        assert outcome.charge.id == "ch_old"
+    assert conn.execute("SELECT COUNT(*) FROM charges").fetchone()[0] == 1
     conn.close()

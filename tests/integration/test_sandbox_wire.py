@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,3 +218,105 @@ async def test_a_dropped_answer_is_lost_whole_after_the_charge(tmp_path: Path) -
         assert [c["idempotency_key"] for c in json_of(listed)["data"]] == ["wire-drop"]
     finally:
         await stop_sandbox_process(dropping.process, timeout=5.0)
+
+
+async def test_a_body_at_the_limit_in_one_write_is_a_charge(sandbox: SandboxProcess) -> None:
+    # Head and body arrive in one read: only head bytes count towards the head's bound.
+    prefix = b'{"amount": 250, "currency": "EUR", "padding": "'
+    body = prefix + b"p" * (64 * 1024 - len(prefix) - 2) + b'"}'
+    assert len(body) == 64 * 1024  # PAYDISPATCH_PROVIDER_MAX_BODY_BYTES's default
+    (answer,) = await exchange(sandbox.base_url, charge_request(b"wire-limit", body), answers=1)
+    assert answer.status == 201
+
+
+async def test_a_pipelined_burst_larger_than_a_head_bound_is_answered_whole(
+    sandbox: SandboxProcess,
+) -> None:
+    count = 2_500  # ~85 KB of small requests in one write
+    raw = b"GET /healthz HTTP/1.1\r\nHost: provider\r\n\r\n" * count
+    answers = await exchange(sandbox.base_url, raw, answers=count, timeout=30.0)
+    assert [a.status for a in answers] == [200] * count
+
+
+async def test_an_early_413_closes_the_connection_that_still_owes_a_body(
+    sandbox: SandboxProcess,
+) -> None:
+    head = (
+        b"POST /v1/charges HTTP/1.1\r\nHost: provider\r\nIdempotency-Key: wire-expect\r\n"
+        b"Expect: 100-continue\r\nContent-Length: 100000\r\n\r\n"
+    )
+    host, port = sandbox.base_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head)
+        async with asyncio.timeout(5):
+            received = await reader.read()  # to the provider's close, not a timeout
+    finally:
+        writer.close()
+    assert received.startswith(b"HTTP/1.1 413")
+    assert b"100 Continue" not in received
+    assert b"connection: close" in received.lower()
+
+
+async def test_an_upgrade_request_is_answered_not_left_waiting(sandbox: SandboxProcess) -> None:
+    upgrade = (  # what curl --http2 sends to an http:// URL
+        b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+        b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+    )
+    post = charge_request(b"wire-h2c").replace(
+        b"Host: provider\r\n", b"Host: provider\r\n" + upgrade
+    )
+    (refused,) = await exchange(sandbox.base_url, post, answers=1, timeout=5.0)
+    assert refused.status == 400
+    assert json_of(refused)["type"].endswith("upgrade-unsupported")
+    get = b"GET /healthz HTTP/1.1\r\nHost: provider\r\n" + upgrade + b"\r\n"
+    (health,) = await exchange(sandbox.base_url, get, answers=1, timeout=5.0)
+    assert health.status == 200
+
+
+async def test_a_dropped_answer_with_a_request_pipelined_behind_it(tmp_path: Path) -> None:
+    """The drop must end its request even when the server already parsed the next one:
+    the connection closes at once, and the provider then stops at once (no request left
+    waiting for a disconnect it was never told of)."""
+    dropping = await start_sandbox_process(tmp_path, drop_rate=1.0, shutdown_grace=10)
+    try:
+        host, port = dropping.base_url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(charge_request(b"wire-drop-a") + charge_request(b"wire-drop-b"))
+            async with asyncio.timeout(5):
+                received = await reader.read()
+        finally:
+            writer.close()
+        assert received == b""
+    finally:
+        started = asyncio.get_running_loop().time()
+        assert await stop_sandbox_process(dropping.process, timeout=15.0) == 0
+    assert asyncio.get_running_loop().time() - started < 5.0
+    log = await asyncio.to_thread(_provider_logs, tmp_path)
+    assert "Traceback" not in log
+    assert "Cancel" not in log
+
+
+def _provider_logs(tmp_path: Path) -> str:
+    return "".join(p.read_text() for p in tmp_path.glob("provider-*.log"))
+
+
+async def test_a_request_cut_short_by_the_shutdown_grace_gets_a_problem_answer(
+    tmp_path: Path,
+) -> None:
+    slow = await start_sandbox_process(
+        tmp_path, latency_ms_min=4000, latency_ms_max=4000, shutdown_grace=1
+    )
+    try:
+        answer = asyncio.create_task(
+            exchange(slow.base_url, charge_request(b"wire-grace"), answers=1, timeout=10.0)
+        )
+        await asyncio.sleep(0.5)  # the request is in its latency
+        slow.process.send_signal(signal.SIGTERM)
+        (cut,) = await answer
+    finally:
+        await stop_sandbox_process(slow.process, timeout=10.0)
+    assert cut.status == 503
+    assert cut.headers["content-type"].startswith("application/problem+json")
+    assert cut.headers["retry-after"] == "1"
