@@ -75,6 +75,19 @@ async def exchange(
     return collected.answers
 
 
+async def read_to_close(base_url: str, raw: bytes, *, timeout: float = 10.0) -> bytes:
+    """Write ``raw`` on one new connection: every byte the provider sends until it closes
+    the connection (a TimeoutError if it does not within ``timeout``)."""
+    host, port = base_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(raw)
+        async with asyncio.timeout(timeout):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
 def charge_request(key: bytes, body: bytes = BODY) -> bytes:
     return (
         b"POST /v1/charges HTTP/1.1\r\nHost: provider\r\nContent-Type: application/json\r\n"
@@ -200,14 +213,7 @@ async def _headers(reader: asyncio.StreamReader) -> dict[str, str]:
 async def test_a_dropped_answer_is_lost_whole_after_the_charge(tmp_path: Path) -> None:
     dropping = await start_sandbox_process(tmp_path, drop_rate=1.0)
     try:
-        host, port = dropping.base_url.removeprefix("http://").split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
-        try:
-            writer.write(charge_request(b"wire-drop"))
-            async with asyncio.timeout(10):
-                received = await reader.read()  # until the provider closes
-        finally:
-            writer.close()
+        received = await read_to_close(dropping.base_url, charge_request(b"wire-drop"))
         # Not a byte of an answer: a client must not see even a status line.
         assert received == b""
         (listed,) = await exchange(
@@ -245,14 +251,7 @@ async def test_an_early_413_closes_the_connection_that_still_owes_a_body(
         b"POST /v1/charges HTTP/1.1\r\nHost: provider\r\nIdempotency-Key: wire-expect\r\n"
         b"Expect: 100-continue\r\nContent-Length: 100000\r\n\r\n"
     )
-    host, port = sandbox.base_url.removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    try:
-        writer.write(head)
-        async with asyncio.timeout(5):
-            received = await reader.read()  # to the provider's close, not a timeout
-    finally:
-        writer.close()
+    received = await read_to_close(sandbox.base_url, head, timeout=5.0)
     assert received.startswith(b"HTTP/1.1 413")
     assert b"100 Continue" not in received
     assert b"connection: close" in received.lower()
@@ -280,15 +279,8 @@ async def test_a_dropped_answer_with_a_request_pipelined_behind_it(tmp_path: Pat
     waiting for a disconnect it was never told of)."""
     dropping = await start_sandbox_process(tmp_path, drop_rate=1.0, shutdown_grace=10)
     try:
-        host, port = dropping.base_url.removeprefix("http://").split(":")
-        reader, writer = await asyncio.open_connection(host, int(port))
-        try:
-            writer.write(charge_request(b"wire-drop-a") + charge_request(b"wire-drop-b"))
-            async with asyncio.timeout(5):
-                received = await reader.read()
-        finally:
-            writer.close()
-        assert received == b""
+        pipelined = charge_request(b"wire-drop-a") + charge_request(b"wire-drop-b")
+        assert await read_to_close(dropping.base_url, pipelined, timeout=5.0) == b""
     finally:
         started = asyncio.get_running_loop().time()
         assert await stop_sandbox_process(dropping.process, timeout=15.0) == 0
