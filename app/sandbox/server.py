@@ -392,6 +392,8 @@ async def run_sandbox(settings: SandboxSettings, *, stop: asyncio.Event | None =
             )
         )
         serving = asyncio.create_task(server.serve(sockets=[sock]), name="provider-http")
+        # A server that ends by itself (it failed) ends the provider too.
+        serving.add_done_callback(lambda _: stop.set())
         log.info("provider listening on http://%s:%s, ledger %s", host, port, settings.ledger_path)
         for signum in (signal.SIGTERM, signal.SIGINT):
             # Signal handlers only work in the main thread; embedded callers pass ``stop``.
@@ -403,11 +405,9 @@ async def run_sandbox(settings: SandboxSettings, *, stop: asyncio.Event | None =
         # objects die before a collection (GC time per charge fell ~10x).
         gc.freeze()
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-        stopping = asyncio.create_task(stop.wait(), name="provider-stop")
         try:
-            await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            await stop.wait()
         finally:
-            stopping.cancel()
             log.info("provider stopping")
             # Hanging requests wake first, so they never hold the shutdown.
             state.stopping.set()
