@@ -304,7 +304,14 @@ async def test_a_request_cut_short_by_the_shutdown_grace_gets_a_problem_answer(
         answer = asyncio.create_task(
             exchange(slow.base_url, charge_request(b"wire-grace"), answers=1, timeout=10.0)
         )
-        await asyncio.sleep(0.5)  # the request is in its latency
+        # SIGTERM once the provider holds the request (in its 4 s latency).
+        async with asyncio.timeout(5):
+            while True:
+                (stats,) = await exchange(
+                    slow.base_url, b"GET /v1/stats HTTP/1.1\r\nHost: provider\r\n\r\n", answers=1
+                )
+                if json_of(stats)["processing"] == 1:
+                    break
         slow.process.send_signal(signal.SIGTERM)
         (cut,) = await answer
     finally:
