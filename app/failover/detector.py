@@ -33,7 +33,11 @@ from app.store.liveness import liveness_key, wait_liveness_released
 
 log = logging.getLogger(__name__)
 
-# How often the detector looks at the observer for a new leader while waiting on a lock.
+# The observer announces every leader change (LeaderObserver.leader_changed); the detector
+# also looks again after this long without one, so that a change it somehow missed costs at
+# most this delay, never a detector stuck on a former leader.
+LEADER_RECHECK = 1.0
+# Pause when etcd does not yet show the leader the observer names (it is catching up).
 LEADER_POLL = 0.1
 # Pause after a released lock that turned out not to mean a crash (the leader re-arms).
 NOT_A_CRASH_PAUSE = 0.5
@@ -136,9 +140,10 @@ class CrashDetector:
     async def run(self) -> None:
         """Watch leader after leader until cancelled; errors only pause the loop."""
         while True:
+            changed = self.observer.leader_changed()
             leader = self.observer.leader
             if leader is None or self._is_self(leader):
-                await asyncio.sleep(LEADER_POLL)
+                await asyncio.wait({changed}, timeout=LEADER_RECHECK)
                 continue
             try:
                 await self._watch(leader)
@@ -171,10 +176,11 @@ class CrashDetector:
         )
         try:
             while not waiting.done():
+                changed = self.observer.leader_changed()
                 current = self.observer.leader
                 if current is None or current.token != leader.token:
                     return  # another leader now: wait on its lock instead
-                await asyncio.wait({waiting}, timeout=LEADER_POLL)
+                await asyncio.wait({waiting, changed}, timeout=LEADER_RECHECK)
             waiting.result()
         finally:
             waiting.cancel()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 import uuid
@@ -317,6 +318,58 @@ async def test_a_key_without_a_lease_under_the_prefix_neither_blocks_nor_leads(
     async with EtcdClient(etcd.endpoints, timeout=1.0) as client:
         kv, _ = await client.get(planted)
         assert kv is not None, "the elector never deletes what it does not own"
+
+
+async def test_the_observer_announces_each_leader_change_and_nothing_else(
+    etcd: EtcdCluster, prefix: str
+) -> None:
+    # The crash detector waits on leader_changed() instead of polling the observer: a change
+    # it missed would leave it waiting on a former leader's lock.
+    async with EtcdClient(etcd.endpoints, timeout=1.0) as client:
+        observer = LeaderObserver(config(etcd, prefix, "watcher"), client)
+        watching = asyncio.create_task(observer.run())
+        leases: list[int] = []
+
+        async def campaign(name: str) -> int:
+            lease = await client.grant_lease(30)
+            leases.append(lease)
+            value = json.dumps({"node_id": name, "url": f"http://{name}.invalid"}).encode()
+            created, kv, _ = await client.create_if_absent(f"{prefix}{lease:016x}", value, lease)
+            assert created
+            assert kv is not None
+            return kv.create_revision
+
+        try:
+            await until(lambda: observer.view().confirmed, "a first confirming read")
+            first = observer.leader_changed()
+            assert observer.leader_changed() is first, "one future until the change"
+            token_a = await campaign("a")
+            await asyncio.wait_for(first, WAIT)
+            assert observer.leader is not None
+            assert observer.leader.token == token_a
+
+            second = observer.leader_changed()
+            assert second is not first
+            await campaign("b")  # a second candidate: the leader stays "a"
+            await until(lambda: len(observer.candidates) == 2, "the observer sees both")
+            # Two confirming reads later, still no change announced.
+            await asyncio.sleep(2 * observer.confirm_interval + 0.2)
+            assert not second.done()
+
+            await client.revoke_lease(leases[0])  # "a" goes: "b" leads
+            await asyncio.wait_for(second, WAIT)
+            assert observer.leader is not None
+            assert observer.leader.node_id == "b"
+
+            third = observer.leader_changed()
+            await client.revoke_lease(leases[1])  # nobody leads
+            await asyncio.wait_for(third, WAIT)
+            assert observer.leader is None
+        finally:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+            for lease in leases:
+                await client.revoke_lease(lease)
 
 
 async def test_a_candidate_value_no_decoder_takes_neither_stops_the_observer_nor_names_anyone(
