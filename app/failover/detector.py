@@ -180,7 +180,9 @@ class CrashDetector:
                 current = self.observer.leader
                 if current is None or current.token != leader.token:
                     return  # another leader now: wait on its lock instead
-                await asyncio.wait({waiting, changed}, timeout=LEADER_RECHECK)
+                await asyncio.wait(
+                    {waiting, changed}, timeout=LEADER_RECHECK, return_when=asyncio.FIRST_COMPLETED
+                )
             waiting.result()
         finally:
             waiting.cancel()
