@@ -320,6 +320,12 @@ async def test_a_key_without_a_lease_under_the_prefix_neither_blocks_nor_leads(
         assert kv is not None, "the elector never deletes what it does not own"
 
 
+async def announced(change: asyncio.Future[None]) -> None:
+    """Wait for a leader_changed() future as its callers must: without cancelling it."""
+    await asyncio.wait({change}, timeout=WAIT)
+    assert change.done(), "timed out waiting for the observer to announce a change"
+
+
 async def test_the_observer_announces_each_leader_change_and_nothing_else(
     etcd: EtcdCluster, prefix: str
 ) -> None:
@@ -343,27 +349,29 @@ async def test_the_observer_announces_each_leader_change_and_nothing_else(
             await until(lambda: observer.view().confirmed, "a first confirming read")
             first = observer.leader_changed()
             assert observer.leader_changed() is first, "one future until the change"
+            assert not first.done()
             token_a = await campaign("a")
-            await asyncio.wait_for(first, WAIT)
+            await announced(first)
             assert observer.leader is not None
             assert observer.leader.token == token_a
 
             second = observer.leader_changed()
             assert second is not first
             await campaign("b")  # a second candidate: the leader stays "a"
+            # Once the observer has applied "b", its announcement would have been made.
             await until(lambda: len(observer.candidates) == 2, "the observer sees both")
-            # Two confirming reads later, still no change announced.
+            # And two confirming reads later, still none.
             await asyncio.sleep(2 * observer.confirm_interval + 0.2)
             assert not second.done()
 
             await client.revoke_lease(leases[0])  # "a" goes: "b" leads
-            await asyncio.wait_for(second, WAIT)
+            await announced(second)
             assert observer.leader is not None
             assert observer.leader.node_id == "b"
 
             third = observer.leader_changed()
             await client.revoke_lease(leases[1])  # nobody leads
-            await asyncio.wait_for(third, WAIT)
+            await announced(third)
             assert observer.leader is None
         finally:
             watching.cancel()
