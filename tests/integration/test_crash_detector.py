@@ -22,12 +22,12 @@ import pytest
 
 from app.failover import detector as detector_module
 from app.failover.detector import CrashDetector, DetectorConfig
-from app.leadership.elector import ElectionConfig
 from app.leadership.etcd import EtcdClient
 from app.leadership.observer import LeaderObserver
 from app.stack.etcd import EtcdCluster
 from app.stack.ports import free_port
 from app.store.liveness import liveness_key
+from tests.integration.test_elector import config
 
 FENCE = "payments"
 WATCHER = "watcher"
@@ -113,18 +113,8 @@ async def scene(
     # A detector that woke only on its recheck would now miss every WAIT in these tests.
     monkeypatch.setattr(detector_module, "LEADER_RECHECK", 600.0)
     prefix = f"/paydispatch/test-{uuid.uuid4().hex[:8]}/election/"
-    election = ElectionConfig(
-        node_id=WATCHER,
-        url=f"http://{WATCHER}.invalid",
-        prefix=prefix,
-        endpoints=tuple(etcd.endpoints),
-        lease_ttl=2,
-        margin=0.5,
-        etcd_timeout=1.0,
-        shutdown_grace=2.0,
-    )
     async with EtcdClient(etcd.endpoints, timeout=1.0) as client:
-        observer = LeaderObserver(election, client)
+        observer = LeaderObserver(config(etcd, prefix, WATCHER), client)
         detector = CrashDetector(
             DetectorConfig(
                 node_id=WATCHER,
