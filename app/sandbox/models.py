@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import orjson
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from app.sandbox.asgi import Answer
+from app.sandbox.routing import Answer
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 PROBLEM_BASE = "urn:paydispatch:provider:problem:"
@@ -115,7 +115,7 @@ def check_idempotency_key(value: str | None) -> tuple[str | None, list[FieldErro
     if len(value) > MAX_KEY_LENGTH:
         return None, [FieldError("Idempotency-Key", f"must be at most {MAX_KEY_LENGTH} characters")]
     # str.isprintable() rejects control characters and the lone surrogates that carry
-    # undecodable header bytes (app.sandbox.asgi.Request.header).
+    # undecodable header bytes (app.sandbox.routing.Request.header).
     if not value.isprintable():
         return None, [FieldError("Idempotency-Key", "must contain printable characters only")]
     return value, []

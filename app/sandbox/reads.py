@@ -8,7 +8,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from app.sandbox.asgi import Answer, Request
 from app.sandbox.models import (
     DEFAULT_LIST_LIMIT,
     MAX_CURSOR,
@@ -19,6 +18,7 @@ from app.sandbox.models import (
     parse_text_param,
     problem,
 )
+from app.sandbox.routing import Answer, Request
 from app.sandbox.state import SandboxState
 
 

@@ -23,31 +23,16 @@ import asyncio
 import contextlib
 import gc
 import logging
-import math
 import secrets
 import signal
 import socket
 import time
-from collections.abc import Generator
 from functools import partial
 
-import uvicorn
 import uvloop
 
-from app.sandbox.asgi import (
-    DROPPED,
-    Answer,
-    AsgiApp,
-    BodyTooLarge,
-    MethodNotAllowed,
-    NotFound,
-    ProviderProtocol,
-    Reply,
-    Request,
-    Router,
-    UpgradeRefused,
-)
 from app.sandbox.faults import FaultDraw, FaultInjector
+from app.sandbox.http import HttpServer
 from app.sandbox.ledger import Ledger
 from app.sandbox.models import (
     ChargeRequest,
@@ -67,6 +52,17 @@ from app.sandbox.records import (
     LedgerClosed,
     NewCharge,
     ReserveResult,
+)
+from app.sandbox.routing import (
+    DROPPED,
+    Answer,
+    BodyTooLarge,
+    MethodNotAllowed,
+    NotFound,
+    Reply,
+    Request,
+    Router,
+    UpgradeRefused,
 )
 from app.sandbox.settings import SandboxSettings
 from app.sandbox.state import SandboxState, now_iso
@@ -124,7 +120,7 @@ async def post_charge(state: SandboxState, request: Request) -> Reply:
     """``POST /v1/charges``: create a charge once per idempotency key (see module doc)."""
     state.stats.requests += 1
     key, errors = check_idempotency_key(request.header(b"idempotency-key"))
-    body, body_errors = parse_charge_body(await request.read())
+    body, body_errors = parse_charge_body(request.read())
     errors.extend(body_errors)
     if key is None or body is None or errors:
         state.stats.invalid_requests += 1
@@ -318,9 +314,9 @@ def _error_answer(request: Request, exc: BaseException) -> Answer:
     return problem(500, "internal-error", "Internal error", "The provider failed; retry shortly.")
 
 
-def create_sandbox_app(state: SandboxState) -> AsgiApp:
-    """The provider as an ASGI application over ``state`` (whose ledger the caller opens
-    before serving and closes after)."""
+def create_sandbox_app(state: SandboxState) -> HttpServer:
+    """The provider's HTTP server over ``state`` (whose ledger the caller opens before
+    serving and closes after); call it on the loop that will serve."""
     router = Router()
     router.add("POST", "/v1/charges", partial(post_charge, state))
     router.add("GET", "/v1/charges", partial(list_charges, state))
@@ -328,22 +324,20 @@ def create_sandbox_app(state: SandboxState) -> AsgiApp:
     router.add("GET", "/v1/stats", partial(stats, state))
     router.add("GET", "/healthz", partial(healthz, state))
     router.add("GET", "/metrics", partial(metrics, state))
-    return AsgiApp(router, max_body_bytes=state.settings.max_body_bytes, on_error=_error_answer)
-
-
-class _Server(uvicorn.Server):
-    """uvicorn's server without its signal handling: :func:`run_sandbox` installs its own
-    on the loop, and uvicorn's would re-raise SIGTERM at exit, before the ledger closes."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        """Leave signals alone (see the class doc)."""
-        yield
+    return HttpServer(
+        router,
+        max_body_bytes=state.settings.max_body_bytes,
+        on_error=_error_answer,
+        # As long as aiohttp's server kept an idle connection: clients that keep theirs
+        # for 15 s (aiohttp's default) must not race the provider's close.
+        keep_alive=75.0,
+        access_log=state.settings.access_log,
+    )
 
 
 def _listen(host: str, port: int) -> socket.socket:
     """The listening socket on the first address ``host`` resolves to, bound before
-    uvicorn starts so that the port is known (0: any free port)."""
+    serving so that the port is known (0: any free port)."""
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
@@ -373,27 +367,12 @@ async def run_sandbox(settings: SandboxSettings, *, stop: asyncio.Event | None =
         host, port = sock.getsockname()[:2]
         if ":" in host:
             host = f"[{host}]"
-        server = _Server(
-            uvicorn.Config(
-                create_sandbox_app(state),
-                http=ProviderProtocol,
-                ws="none",
-                lifespan="off",
-                interface="asgi3",
-                log_config=None,
-                access_log=settings.access_log,
-                proxy_headers=False,
-                server_header=False,
-                # As long as aiohttp's server kept an idle connection: clients that keep
-                # theirs for 15 s (aiohttp's default) must not race the provider's close.
-                timeout_keep_alive=75,
-                # Whole seconds in uvicorn's signature (the grace is a bound, not a promise).
-                timeout_graceful_shutdown=math.ceil(settings.shutdown_grace),
-            )
-        )
-        serving = asyncio.create_task(server.serve(sockets=[sock]), name="provider-http")
-        # A server that ends by itself (it failed) ends the provider too.
-        serving.add_done_callback(lambda _: stop.set())
+        server = create_sandbox_app(state)
+        try:
+            await server.start(sock)
+        except BaseException:
+            sock.close()
+            raise
         log.info("provider listening on http://%s:%s, ledger %s", host, port, settings.ledger_path)
         for signum in (signal.SIGTERM, signal.SIGINT):
             # Signal handlers only work in the main thread; embedded callers pass ``stop``.
@@ -411,8 +390,7 @@ async def run_sandbox(settings: SandboxSettings, *, stop: asyncio.Event | None =
             log.info("provider stopping")
             # Hanging requests wake first, so they never hold the shutdown.
             state.stopping.set()
-            server.should_exit = True
-            await serving
+            await server.shutdown(settings.shutdown_grace)
     finally:
         for signum in handled:
             loop.remove_signal_handler(signum)
@@ -422,6 +400,6 @@ async def run_sandbox(settings: SandboxSettings, *, stop: asyncio.Event | None =
 
 def serve(settings: SandboxSettings) -> None:
     """Run :func:`run_sandbox` to the end on a uvloop event loop (the provider's CPU per
-    charge is what every benchmark pays; see app.sandbox.asgi)."""
+    charge is what every benchmark pays; see app.sandbox.http)."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(run_sandbox(settings))

@@ -90,7 +90,7 @@ async def post_charge(
     if timeout is not None:
         kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout)
     async with http.post(f"{base_url}/v1/charges", headers=headers, **kwargs) as response:
-        # Case-insensitive, as HTTP header names are (uvicorn sends them in lower case).
+        # Case-insensitive, as HTTP header names are (the provider sends them in lower case).
         return Answer(response.status, CIMultiDict(response.headers), await response.json())
 
 

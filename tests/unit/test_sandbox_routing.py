@@ -1,24 +1,19 @@
-"""The stand-in provider's routing and request parsing (app.sandbox.asgi): pure logic."""
+"""The stand-in provider's routing and request parsing (app.sandbox.routing): pure logic."""
 
 from __future__ import annotations
 
-from typing import Any
 from urllib.parse import quote
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.sandbox.asgi import Answer, MethodNotAllowed, NotFound, Reply, Request, Router
 from app.sandbox.models import parse_text_param
-
-
-async def _never_called() -> dict[str, Any]:
-    raise AssertionError("the body is not read here")
+from app.sandbox.routing import Answer, MethodNotAllowed, NotFound, Reply, Request, Router
 
 
 def request(query_string: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None) -> Request:
-    return Request("GET", "/", query_string, headers or [], {}, _never_called, 1024)
+    return Request("GET", "/", query_string, headers or [], max_body=1024)
 
 
 async def _handler(request: Request) -> Reply:
