@@ -17,21 +17,30 @@ handler once its body is whole, and an answer is one ``transport.write``.
 What a connection guarantees:
 
 - Answers go out in request order; a request's handler starts when the answer before it is
-  written (pipelined requests wait, parsed, and reading pauses past ``MAX_PIPELINED``).
-  A client that does not read its answers stops both: no handler starts and nothing is
-  read while the connection's write buffer is over its high-water mark.
+  written. Pipelined requests wait, parsed; past ``MAX_PIPELINED`` of them (give or take one
+  ``FEED_SLICE`` of input) parsing stops until they are answered. A client that does not
+  read its answers stops both: no handler starts and nothing is read while the
+  connection's write buffer is over its high-water mark.
 - A body over ``max_body`` is not kept: 413 and a close, from the declared Content-Length
   before any of it is read (and before any ``100 Continue``), or as a chunked body grows.
+  Chunk framing and trailers count too (trailers are never taken as headers).
 - A request head over ``MAX_HEAD_BYTES`` is refused (431); bytes that do not parse as HTTP
   are refused (400). Either stops reading; the requests before them are answered first,
   then the refusal, then the connection closes.
 - ``Upgrade`` is not spoken: the request's body is never parsed (reading it answers 400),
   and the connection closes after its answer.
 - HTTP/1.0, ``Connection: close`` and answers that carry ``Connection: close`` close the
-  connection after the answer. An idle connection closes after ``keep_alive`` seconds
-  without a byte, and so does one that stalls mid-request.
-- A client that leaves while its request runs: the handler runs to its end (a charge it
-  began is recorded), its answer goes nowhere, requests pipelined behind it never run.
+  connection after the answer. ``100 Continue`` goes to HTTP/1.1 clients only, and only
+  when the request's turn has come.
+- A close sends what was written, then a FIN, and reads (and drops) what the client still
+  sends for ``LINGER_SECONDS``: closing with unread input would make the kernel send a
+  reset, which can destroy an answer not yet read (RFC 9112, 9.6).
+- An idle connection closes after ``keep_alive`` seconds without a byte, and so does one
+  that stalls mid-request; one that does not take its FIN and last answer in that time is
+  aborted.
+- A client that leaves (or half-closes) while its request runs: the handler runs to its end
+  (a charge it began is recorded), its answer goes nowhere, requests pipelined behind it
+  never run.
 - Shutdown stops accepting, closes idle connections, lets running requests finish for the
   grace, then cancels them (the handlers' error answer says so) and closes the rest.
 """
@@ -64,6 +73,13 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_PIPELINED = 64
 # How often idle connections are looked for (their keep-alive is a bound to this precision).
 SWEEP_SECONDS = 1.0
+# Input is parsed this much at a time, so that parsing can stop between requests.
+FEED_SLICE = 4096
+# How long a closing connection reads (and drops) what its client still sends.
+LINGER_SECONDS = 2.0
+# A message's body, as it arrives with its chunk framing and trailers, beyond this many times
+# the body limit (plus a head's bound) is refused: trailers are held by the parser whole.
+WIRE_FACTOR = 8
 
 ErrorAnswer = Callable[[Request, BaseException], Answer]
 
@@ -77,6 +93,7 @@ def _status_lines() -> dict[int, bytes]:
 
 
 _STATUS_LINES = _status_lines()
+_INTERNAL_ERROR = Answer(500, b"internal error", "text/plain; charset=utf-8")
 
 
 class _Clock:
@@ -97,10 +114,23 @@ class _Clock:
 class _Exchange:
     """One request on a connection, from its head to its answer."""
 
-    __slots__ = ("chunks", "complete", "expects_continue", "keep_alive", "request", "size")
+    __slots__ = (
+        "chunks",
+        "complete",
+        "expects_continue",
+        "keep_alive",
+        "request",
+        "size",
+        "target",
+        "wire",
+    )
 
-    def __init__(self, request: Request, *, keep_alive: bool, expects_continue: bool) -> None:
+    def __init__(
+        self, request: Request, target: bytes, *, keep_alive: bool, expects_continue: bool
+    ) -> None:
         self.request = request
+        self.target = target  # as received (the access log's; never percent-decoded)
+        self.wire = 0  # bytes of its body phase as they arrived (framing and trailers too)
         self.chunks: list[bytes] = []
         self.size = 0
         self.complete = False  # the whole body arrived (or will never be read)
@@ -111,13 +141,19 @@ class _Exchange:
 def encode_answer(answer: Answer, *, date: bytes, with_body: bool, close: bool) -> bytes:
     """``answer`` as the bytes of one HTTP/1.1 answer (its body left out for HEAD).
 
-    Handlers' extra headers are the provider's own words, never a client's; a CR or LF in
-    one would still split the answer, so it raises instead (answered 500 by the caller)."""
+    Handlers' headers are the provider's own words, never a client's; a CR or LF in one
+    would still split the answer, so it raises ValueError instead (answered 500 by the
+    caller)."""
     status_line = _STATUS_LINES.get(answer.status) or b"HTTP/1.1 %d \r\n" % answer.status
+    content_type = answer.content_type
+    if "\r" in content_type or "\n" in content_type:
+        raise ValueError("the content type would split the answer")
+    if not isinstance(answer.body, bytes):
+        raise TypeError(f"an answer's body is bytes, not {type(answer.body).__name__}")
     head = b"%sdate: %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n" % (
         status_line,
         date,
-        answer.content_type.encode("latin-1"),
+        content_type.encode("latin-1"),
         len(answer.body),
     )
     if answer.headers:
@@ -192,6 +228,12 @@ class HttpServer:
             await self._wait_for_requests(5.0)
         for connection in list(self.connections):
             connection.close()
+        # Let the FINs and last answers go out and the clients close; then abort the rest.
+        deadline = self.loop.time() + min(LINGER_SECONDS, 0.5)
+        while self.connections and self.loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        for connection in list(self.connections):
+            connection.abort()
 
     async def _wait_for_requests(self, timeout: float) -> None:
         # A request may start another (the next pipelined one) as it ends: look again.
@@ -202,10 +244,9 @@ class HttpServer:
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(self._sweep_every)
-            stale = self.loop.time() - self.keep_alive
+            now = self.loop.time()
             for connection in list(self.connections):
-                if connection.idle_since(stale):
-                    connection.close()
+                connection.sweep(now, self.keep_alive)
 
 
 class _Connection(asyncio.Protocol):
@@ -215,6 +256,7 @@ class _Connection(asyncio.Protocol):
         self._server = server
         self._loop = server.loop
         self._max_body = server.max_body
+        self._max_wire = WIRE_FACTOR * server.max_body + MAX_HEAD_BYTES
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._client = ""
@@ -227,13 +269,18 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._heads = 0  # request heads begun on this connection
         self._head_open = False  # the latest head has begun and is not complete
-        self._head_bytes = 0
-        self._closed = False  # closing or closed: nothing more is parsed or answered
-        self._ending = False  # shutting down: close after the running answer
-        self._upgraded = False  # an Upgrade stopped the parser: bytes after it are not read
+        self._head_size = 0  # its URL and headers, as the parser handed them over
+        self._head_bytes = 0  # its bytes as they arrived (a bound on what the parser holds)
+        self._head_too_large = False
+        self._unparsed = b""  # input held back while too many requests wait
+        self._input_done = False  # nothing more is parsed (a refusal, an Upgrade, a 413)
+        self._half_closed = False  # the client sent its FIN
         # Bytes that are not HTTP, or a head too large: the answer written (and the close)
-        # once the requests before them are answered; nothing more is read.
+        # once the requests before them are answered.
         self._refusal: bytes | None = None
+        self._ending = False  # shutting down: close after the running answer
+        self._closed = False  # closing or closed: nothing more is parsed or answered
+        self._closed_at = 0.0
         self._reading_paused = False
         self._writing_paused = False
         self._last_active = self._loop.time()
@@ -253,30 +300,27 @@ class _Connection(asyncio.Protocol):
         """Forget what was not answered: the running request ends with nowhere to answer."""
         self._closed = True
         self._exchanges.clear()
+        self._unparsed = b""
         self._server.connections.discard(self)
+
+    def eof_received(self) -> bool:
+        """The client sent its FIN: taken as gone (False closes the transport), as
+        aiohttp's and uvicorn's servers take it. A FIN is how clients leave; one that only
+        half-closes and waits for its answer is rare, and must not make requests it
+        pipelined run after it left."""
+        self._half_closed = True
+        return False
 
     def data_received(self, data: bytes) -> None:
         """Parse ``data``, then start the next request if its turn has come."""
-        if self._closed or self._upgraded or self._refusal is not None:
-            return
+        if self._closed or self._input_done:
+            return  # a closing connection reads and drops what still comes
         self._last_active = self._loop.time()
-        heads = self._heads
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._upgrade()
-        except httptools.HttpParserError:
-            self._refuse(400, b"Invalid HTTP request received.")
-            return
+        if len(data) <= FEED_SLICE and not self._unparsed:
+            self._feed(data)
         else:
-            # Only chunks that arrive wholly inside a head begun earlier are counted (a
-            # chunk that begins or ends one also holds bodies or other requests): a head is
-            # refused a chunk late at worst, a legal request never.
-            if self._head_open and self._heads == heads:
-                self._head_bytes += len(data)
-                if self._head_bytes > MAX_HEAD_BYTES:
-                    self._refuse(431, b"request head too large")
-                    return
+            self._unparsed += data
+            self._feed_held()
         self._next()
 
     def pause_writing(self) -> None:
@@ -290,12 +334,56 @@ class _Connection(asyncio.Protocol):
         self._flow()
         self._next()
 
+    # --- feeding the parser -------------------------------------------------------------
+
+    def _feed_held(self) -> None:
+        """Parse held input a slice at a time while few requests wait."""
+        while self._unparsed and not self._input_done and not self._closed:
+            if len(self._exchanges) > MAX_PIPELINED:
+                self._flow()  # parsing resumes from _finish
+                return
+            piece = self._unparsed[:FEED_SLICE]
+            self._unparsed = self._unparsed[FEED_SLICE:]
+            self._feed(piece)
+
+    def _feed(self, data: bytes) -> None:
+        heads = self._heads
+        parsing = self._parsing
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._upgrade()
+            return
+        except httptools.HttpParserError:
+            if self._head_too_large:
+                self._refuse(431, b"request head too large")
+            else:
+                self._refuse(400, b"Invalid HTTP request received.")
+            return
+        # Only slices that arrive wholly inside a head begun earlier are counted (a slice
+        # that begins or ends one also holds bodies or other requests): an endless head is
+        # refused a slice late at worst, a legal one never. Heads that end are measured
+        # exactly, in on_headers_complete.
+        if self._head_open and self._heads == heads:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse(431, b"request head too large")
+                return
+        # Likewise a body phase, whose chunk framing and trailers the parser holds.
+        if parsing is not None and parsing is self._parsing and self._heads == heads:
+            parsing.wire += len(data)
+            if parsing.wire > self._max_wire:
+                parsing.request.too_large = True
+                parsing.chunks.clear()
+                self._stop_input()
+
     # --- parser callbacks ---------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         """A new request head begins."""
         self._heads += 1
         self._head_open = True
+        self._head_size = 0
         self._head_bytes = 0
         self._url = b""
         self._headers = []
@@ -303,18 +391,25 @@ class _Connection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         """Part of the request target."""
         self._url += url
+        self._head_size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        """One header (names kept in lower case)."""
-        self._headers.append((name.lower(), value))
+        """One header (names kept in lower case); a trailer after a chunked body is not
+        a header of the request, and is dropped."""
+        if self._head_open:
+            self._headers.append((name.lower(), value))
+            self._head_size += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         """The head is complete: queue its request."""
         self._head_open = False
+        if self._head_size > MAX_HEAD_BYTES:
+            self._head_too_large = True
+            raise BadRequest("request head too large")
         parser = self._parser
         try:
             url = httptools.parse_url(self._url)
-            path = url.path.decode("ascii")
+            path = url.path.decode("ascii") if url.path is not None else "/"
         except (httptools.HttpParserInvalidURLError, UnicodeDecodeError) as exc:
             raise BadRequest(f"invalid request target {self._url!r}") from exc
         if "%" in path:
@@ -326,16 +421,19 @@ class _Connection(asyncio.Protocol):
             self._headers,
             max_body=self._max_body,
         )
+        http_11 = parser.get_http_version() == "1.1"
         expects_continue = False
         for name, value in self._headers:
             if name == b"content-length":
                 if value.isdigit() and int(value) > self._max_body:
                     request.too_large = True  # refused before a byte of it is read
             elif name == b"expect":
-                expects_continue = value.lower() == b"100-continue"
+                # An HTTP/1.0 client's expectation is ignored (RFC 9110, 10.1.1).
+                expects_continue = http_11 and value.lower() == b"100-continue"
         exchange = _Exchange(
             request,
-            keep_alive=parser.get_http_version() != "1.0" and parser.should_keep_alive(),
+            self._url,
+            keep_alive=http_11 and parser.should_keep_alive(),
             expects_continue=expects_continue,
         )
         self._parsing = exchange
@@ -372,6 +470,8 @@ class _Connection(asyncio.Protocol):
             if self._refusal is not None:
                 self._write(self._refusal)
                 self.close()
+            elif self._input_done:
+                self.close()  # nothing more will come to answer
             return
         exchange = self._exchanges[0]
         request = exchange.request
@@ -387,17 +487,26 @@ class _Connection(asyncio.Protocol):
 
     async def _answer(self, exchange: _Exchange) -> None:
         request = exchange.request
-        chunks = exchange.chunks
-        if chunks:
-            request.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         try:
+            chunks = exchange.chunks
+            if chunks:
+                request.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             handler, request.path_params = self._server.router.resolve(request.method, request.path)
             reply: Reply = await handler(request)
         except (Exception, asyncio.CancelledError) as exc:
             # CancelledError: the shutdown grace is over; this answers it (the error
             # answer says the provider stopped) and ends the task.
-            reply = self._server.on_error(request, exc)
+            reply = self._error_answer(request, exc)
         self._finish(exchange, reply)
+
+    def _error_answer(self, request: Request, exc: BaseException) -> Answer:
+        try:
+            return self._server.on_error(request, exc)
+        except Exception:
+            # The error answer itself failed: still answer, or the connection would wait
+            # for an answer that never comes.
+            log.exception("the error answer failed for %s %s", request.method, request.path)
+            return _INTERNAL_ERROR
 
     def _finish(self, exchange: _Exchange, reply: Reply) -> None:
         self._running = False
@@ -415,30 +524,34 @@ class _Connection(asyncio.Protocol):
             or request.upgrade_refused
             or _asks_close(reply)
         )
+        date = self._server.clock.date()
+        with_body = request.method != "HEAD"
         try:
-            data = encode_answer(
-                reply,
-                date=self._server.clock.date(),
-                with_body=request.method != "HEAD",
-                close=close,
-            )
-        except (ValueError, UnicodeEncodeError) as exc:
-            reply = self._server.on_error(request, exc)
-            data = encode_answer(reply, date=self._server.clock.date(), with_body=True, close=close)
+            data = encode_answer(reply, date=date, with_body=with_body, close=close)
+        except Exception as exc:  # a handler's answer that cannot be sent as it is
+            reply = self._error_answer(request, exc)
+            try:
+                data = encode_answer(reply, date=date, with_body=with_body, close=close)
+            except Exception:
+                reply = _INTERNAL_ERROR
+                data = encode_answer(reply, date=date, with_body=with_body, close=close)
         self._write(data)
         if self._server.access_log:
             access_log.info(
-                '%s - "%s %s%s" %d',
+                '%s - "%s %s" %d',
                 self._client,
                 request.method,
-                request.path,
-                "?" + request.query_string.decode("latin-1") if request.query_string else "",
+                # As received: llhttp lets no control character into a target, and the
+                # percent-decoded path could forge a line of the log.
+                exchange.target.decode("ascii", "backslashreplace"),
                 reply.status,
             )
         if close:
             self.close()
             return
         self._last_active = self._loop.time()
+        if self._unparsed:
+            self._feed_held()
         if self._reading_paused:
             self._flow()
         self._next()
@@ -451,15 +564,14 @@ class _Connection(asyncio.Protocol):
     def _upgrade(self) -> None:
         # llhttp stops at the head of a request that asks to change protocols: its body
         # and anything after it are never parsed. It gets its answer, then the close.
-        self._upgraded = True
-        self._head_open = False
         if self._exchanges:
             exchange = self._exchanges[-1]
             exchange.request.upgrade_refused = True
             exchange.keep_alive = False
             exchange.complete = True
-            self._parsing = None
-        self._next()
+            if self._parsing is exchange:
+                self._parsing = None
+        self._stop_input()
 
     def _refuse(self, status: int, reason: bytes) -> None:
         """Stop reading; answer the requests already whole, then this plain answer, then
@@ -468,20 +580,27 @@ class _Connection(asyncio.Protocol):
             b"%scontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
             b"content-length: %d\r\n\r\n%s" % (_STATUS_LINES[status], len(reason), reason)
         )
-        parsing, self._parsing = self._parsing, None
-        running = self._running and self._exchanges[0] is parsing  # a 413 owed its body
-        if parsing is not None and not running:
-            self._exchanges.remove(parsing)  # its body is not whole: never answered
+        self._stop_input()
+
+    def _stop_input(self) -> None:
+        """Parse nothing more. A request whose body is not whole is never answered (unless
+        it is the one running: a 413 that did not wait for its body)."""
+        self._input_done = True
         self._head_open = False
-        if self._transport is not None and not self._closed:
-            self._transport.pause_reading()
-        self._next()
+        self._unparsed = b""
+        parsing, self._parsing = self._parsing, None
+        if parsing is not None and not parsing.request.too_large:
+            self._exchanges.remove(parsing)
 
     def _flow(self) -> None:
         """Read only while the client reads its answers and few requests wait."""
-        if self._closed or self._transport is None or self._refusal is not None:
+        if self._closed or self._transport is None or self._input_done:
             return
-        pause = self._writing_paused or len(self._exchanges) > MAX_PIPELINED
+        pause = (
+            self._writing_paused
+            or len(self._exchanges) > MAX_PIPELINED
+            or bool(self._unparsed)  # held input is parsed first
+        )
         if pause != self._reading_paused:
             self._reading_paused = pause
             if pause:
@@ -491,9 +610,25 @@ class _Connection(asyncio.Protocol):
 
     # --- lifecycle ----------------------------------------------------------------------
 
-    def idle_since(self, moment: float) -> bool:
-        """Nothing runs, and no byte arrived or left since ``moment``."""
-        return not self._running and self._last_active < moment
+    @property
+    def waiting(self) -> int:
+        """Requests parsed and not yet answered."""
+        return len(self._exchanges)
+
+    def sweep(self, now: float, keep_alive: float) -> None:
+        """Close the connection if it has been idle (or stalled mid-request) for
+        ``keep_alive`` seconds; end a close that lingered or that its client ignores."""
+        if not self._closed:
+            if not self._running and self._last_active < now - keep_alive:
+                self.close()
+            return
+        transport = self._transport
+        if transport is None:
+            return
+        if self._closed_at < now - keep_alive:
+            transport.abort()  # the client takes neither its last answer nor its FIN
+        elif self._closed_at < now - LINGER_SECONDS and not transport.is_closing():
+            transport.close()
 
     def end(self) -> None:
         """Shutdown: close now if nothing runs, else after the running request's answer."""
@@ -502,9 +637,26 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
-        """Close the connection (what is written goes out first)."""
+        """Send what is written, then a FIN; the transport closes once the client closes
+        its side too, or after LINGER_SECONDS (see the module doc)."""
         if self._closed:
             return
         self._closed = True
+        self._closed_at = self._loop.time()
+        self._unparsed = b""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if self._half_closed or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        if self._reading_paused:
+            transport.resume_reading()  # read (and drop) what the client still sends
+            self._reading_paused = False
+
+    def abort(self) -> None:
+        """Close at once, dropping what is not sent."""
+        self._closed = True
         if self._transport is not None:
-            self._transport.close()
+            self._transport.abort()

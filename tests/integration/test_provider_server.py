@@ -12,7 +12,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -57,6 +57,7 @@ def make_router(seen: Seen) -> Router:
                 "path": request.path,
                 "query": request.query_string.decode("latin-1"),
                 "body": body.decode("latin-1"),
+                "headers": [name.decode() for name, _ in request.raw_headers],
             }
         )
 
@@ -77,11 +78,20 @@ def make_router(seen: Seen) -> Router:
     async def split(request: Request) -> Reply:
         return Answer(200, b"", "text/plain", {"X-Evil": "a\r\nSet-Cookie: x=1"})
 
+    async def split_type(request: Request) -> Reply:
+        return Answer(200, b"", "text/plain\r\nSet-Cookie: x=1")
+
+    async def text_body(request: Request) -> Reply:
+        return Answer(200, cast(bytes, "not bytes"), "text/plain")
+
     router = Router()
     for path, handler in (("/echo", echo), ("/slow", slow), ("/big", big), ("/drop", drop)):
         router.add("GET", path, handler)
     router.add("POST", "/echo", echo)
+    router.add("GET", "/", echo)
     router.add("GET", "/split", split)
+    router.add("GET", "/split-type", split_type)
+    router.add("GET", "/text-body", text_body)
     return router
 
 
@@ -327,13 +337,21 @@ async def test_bytes_that_are_not_http_are_refused_after_the_answers_owed(
     writer.close()
 
 
-async def test_a_header_that_would_split_the_answer_is_never_sent(served: Served) -> None:
+@pytest.mark.parametrize("path", ["/split", "/split-type", "/text-body"])
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_an_answer_that_cannot_be_sent_as_it_is_becomes_a_500(
+    served: Served, path: str, method: str
+) -> None:
     reader, writer = await served.connect()
-    writer.write(b"GET /split HTTP/1.1\r\nHost: t\r\n\r\nGET /echo HTTP/1.1\r\nHost: t\r\n\r\n")
-    answer = await read_answer(reader)
+    writer.write(
+        f"{method} {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+        + b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n"
+    )
+    answer = await read_answer(reader, head=method == "HEAD")
     assert answer.status == 500
     assert "set-cookie" not in answer.headers
-    assert (await read_answer(reader)).status == 200  # the connection is still in step
+    after = await read_answer(reader)  # the connection is still in step
+    assert json.loads(after.body)["path"] == "/echo"
     writer.close()
 
 
@@ -428,3 +446,130 @@ def test_answers_are_encoded_once_with_their_framing() -> None:
             server_http.encode_answer(
                 Answer(200, b"", "text/plain", {"X": value}), date=b"D", with_body=True, close=False
             )
+
+
+async def test_the_access_log_names_each_request_and_its_status(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="paydispatch.provider.access")
+    served = await serve(access_log=True)
+    try:
+        reader, writer = await served.connect()
+        writer.write(
+            b"GET /echo?x=1 HTTP/1.1\r\nHost: t\r\n\r\n"
+            b"GET /no%0D%0AERROR%20forged HTTP/1.1\r\nHost: t\r\n\r\n"
+        )
+        await read_answer(reader)
+        await read_answer(reader)
+        writer.close()
+    finally:
+        await served.server.shutdown(1.0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "paydispatch.provider.access"]
+    assert [line.split(" - ", 1)[1] for line in lines] == [
+        '"GET /echo?x=1" 200',
+        '"GET /no%0D%0AERROR%20forged" 500',  # as sent: no line of the log forged
+    ]
+    assert lines[0].startswith("127.0.0.1:")
+
+
+async def test_a_client_that_never_reads_is_cut_off_after_keep_alive() -> None:
+    served = await serve(keep_alive=0.3, sweep_every=0.05)
+    try:
+        _, writer = await served.connect()
+        writer.write(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n" * 20)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            while served.server.connections:  # noqa: ASYNC110 - nothing to wait on but time
+                await asyncio.sleep(0.05)
+        writer.close()
+    finally:
+        await served.server.shutdown(1.0)
+
+
+async def test_trailers_are_not_headers_and_count_against_the_limits(served: Served) -> None:
+    reader, writer = await served.connect()
+    writer.write(
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nIdempotency-Key: smuggled\r\n\r\n"
+    )
+    echoed = json.loads((await read_answer(reader)).body)
+    assert echoed["body"] == "hello"
+    assert echoed["headers"] == ["host", "transfer-encoding"]
+    writer.close()
+
+    reader, writer = await served.connect()
+    writer.write(
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-Endless: "
+    )
+    answered = asyncio.create_task(read_answer(reader))
+    for _ in range(40):  # up to 1.6 MiB of one trailer, never ended
+        if answered.done():
+            break
+        writer.write(b"a" * 40_000)
+        await writer.drain()
+    async with asyncio.timeout(5):
+        answer = await answered
+    assert (answer.status, answer.headers["connection"]) == (413, "close")
+    assert await closes(reader)
+    writer.close()
+
+
+async def test_pipelined_requests_are_parsed_only_so_far_ahead(served: Served) -> None:
+    reader, writer = await served.connect()
+    count = 20_000  # 540 KB of small requests behind a slow one
+    writer.write(
+        b"GET /slow?s=0.5 HTTP/1.1\r\nHost: t\r\n\r\n" + b"GET /echo HTTP/1.1\r\n\r\n" * count
+    )
+    await asyncio.sleep(0.3)
+    (connection,) = served.server.connections
+    bound = server_http.MAX_PIPELINED + server_http.FEED_SLICE // len(b"GET /echo HTTP/1.1\r\n\r\n")
+    assert 0 < connection.waiting <= bound + 1
+    async with asyncio.timeout(60):
+        assert (await read_answer(reader)).status == 200
+        for _ in range(count):
+            assert (await read_answer(reader)).status == 200
+    writer.close()
+
+
+async def test_an_http_1_0_expectation_gets_no_100_continue(served: Served) -> None:
+    reader, writer = await served.connect()
+    writer.write(b"POST /echo HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3):
+            await reader.read(1)
+    writer.write(b"hello")
+    answer = await read_answer(reader)
+    assert json.loads(answer.body)["body"] == "hello"
+    assert await closes(reader)
+    writer.close()
+
+
+async def test_a_head_over_the_bound_is_refused_however_it_arrives(served: Served) -> None:
+    for pad in (70_000, 100_000, 300_000):
+        reader, writer = await served.connect()
+        writer.write(b"GET /echo HTTP/1.1\r\nHost: t\r\nX-Pad: " + b"p" * pad + b"\r\n\r\n")
+        answer = await read_answer(reader)
+        assert answer.status == 431, pad
+        assert await closes(reader)
+        writer.close()
+
+
+async def test_a_refused_body_can_still_be_sent_without_a_reset(served: Served) -> None:
+    reader, writer = await served.connect()
+    size = 4 << 20
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % size)
+    answer = await read_answer(reader)
+    assert (answer.status, answer.headers["connection"]) == (413, "close")
+    for _ in range(size // 65536):  # the client sends its body anyway, then reads on
+        writer.write(b"x" * 65536)
+        await writer.drain()
+    assert await closes(reader)  # a FIN, not a reset
+    writer.close()
+
+
+async def test_an_absolute_target_without_a_path_is_the_root(served: Served) -> None:
+    reader, writer = await served.connect()
+    writer.write(b"GET http://provider HTTP/1.1\r\nHost: provider\r\n\r\n")
+    assert json.loads((await read_answer(reader)).body)["path"] == "/"
+    writer.close()
