@@ -43,6 +43,9 @@ What a connection guarantees:
   never run.
 - Shutdown stops accepting, closes idle connections, lets running requests finish for the
   grace, then cancels them (the handlers' error answer says so) and closes the rest.
+
+Left as aiohttp's and uvicorn's servers leave it: an HTTP/1.1 request without ``Host`` is
+served (the provider has one name), and a client's FIN means it left (above).
 """
 
 from __future__ import annotations
