@@ -96,6 +96,7 @@ def _status_lines() -> dict[int, bytes]:
 
 
 _STATUS_LINES = _status_lines()
+_NOTHING = memoryview(b"")
 _INTERNAL_ERROR = Answer(500, b"internal error", "text/plain; charset=utf-8")
 
 
@@ -275,7 +276,7 @@ class _Connection(asyncio.Protocol):
         self._head_size = 0  # its URL and headers, as the parser handed them over
         self._head_bytes = 0  # its bytes as they arrived (a bound on what the parser holds)
         self._head_too_large = False
-        self._unparsed = b""  # input held back while too many requests wait
+        self._unparsed = _NOTHING  # input held back while too many requests wait
         self._input_done = False  # nothing more is parsed (a refusal, an Upgrade, a 413)
         self._half_closed = False  # the client sent its FIN
         # Bytes that are not HTTP, or a head too large: the answer written (and the close)
@@ -303,7 +304,7 @@ class _Connection(asyncio.Protocol):
         """Forget what was not answered: the running request ends with nowhere to answer."""
         self._closed = True
         self._exchanges.clear()
-        self._unparsed = b""
+        self._unparsed = _NOTHING
         self._server.connections.discard(self)
 
     def eof_received(self) -> bool:
@@ -322,7 +323,8 @@ class _Connection(asyncio.Protocol):
         if len(data) <= FEED_SLICE and not self._unparsed:
             self._feed(data)
         else:
-            self._unparsed += data
+            # Sliced as views: a long read is not copied once per slice.
+            self._unparsed = memoryview(bytes(self._unparsed) + data if self._unparsed else data)
             self._feed_held()
         self._next()
 
@@ -346,10 +348,12 @@ class _Connection(asyncio.Protocol):
                 self._flow()  # parsing resumes from _finish
                 return
             piece = self._unparsed[:FEED_SLICE]
-            self._unparsed = self._unparsed[FEED_SLICE:]
+            self._unparsed = (
+                self._unparsed[FEED_SLICE:] if len(self._unparsed) > FEED_SLICE else _NOTHING
+            )
             self._feed(piece)
 
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, data: bytes | memoryview) -> None:
         heads = self._heads
         parsing = self._parsing
         try:
@@ -590,7 +594,7 @@ class _Connection(asyncio.Protocol):
         it is the one running: a 413 that did not wait for its body)."""
         self._input_done = True
         self._head_open = False
-        self._unparsed = b""
+        self._unparsed = _NOTHING
         parsing, self._parsing = self._parsing, None
         if parsing is not None and not parsing.request.too_large:
             self._exchanges.remove(parsing)
@@ -646,7 +650,7 @@ class _Connection(asyncio.Protocol):
             return
         self._closed = True
         self._closed_at = self._loop.time()
-        self._unparsed = b""
+        self._unparsed = _NOTHING
         transport = self._transport
         if transport is None or transport.is_closing():
             return
