@@ -313,6 +313,12 @@ class _Connection(asyncio.Protocol):
         half-closes and waits for its answer is rare, and must not make requests it
         pipelined run after it left."""
         self._half_closed = True
+        # Closed now, not at connection_lost: that waits until the write buffer drains,
+        # and meanwhile no request behind the running one may start.
+        if not self._closed:
+            self._closed = True
+            self._closed_at = self._loop.time()
+            self._unparsed = _NOTHING
         return False
 
     def data_received(self, data: bytes) -> None:
@@ -494,17 +500,24 @@ class _Connection(asyncio.Protocol):
 
     async def _answer(self, exchange: _Exchange) -> None:
         request = exchange.request
+        reply: Reply
         try:
             chunks = exchange.chunks
             if chunks:
                 request.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             handler, request.path_params = self._server.router.resolve(request.method, request.path)
-            reply: Reply = await handler(request)
+            reply = await handler(request)
         except (Exception, asyncio.CancelledError) as exc:
             # CancelledError: the shutdown grace is over; this answers it (the error
             # answer says the provider stopped) and ends the task.
             reply = self._error_answer(request, exc)
-        self._finish(exchange, reply)
+        try:
+            self._finish(exchange, reply)
+        except Exception:
+            # The connection's state is unknown now: a request left unanswered would shift
+            # every answer after it onto the wrong request. End the connection instead.
+            log.exception("answering %s %s failed", request.method, request.path)
+            self.abort()
 
     def _error_answer(self, request: Request, exc: BaseException) -> Answer:
         try:
@@ -529,15 +542,16 @@ class _Connection(asyncio.Protocol):
             or self._ending
             or request.too_large  # the rest of the body may still be on its way
             or request.upgrade_refused
-            or _asks_close(reply)
         )
         date = self._server.clock.date()
         with_body = request.method != "HEAD"
         try:
+            close = close or _asks_close(reply)
             data = encode_answer(reply, date=date, with_body=with_body, close=close)
         except Exception as exc:  # a handler's answer that cannot be sent as it is
             reply = self._error_answer(request, exc)
             try:
+                close = close or _asks_close(reply)
                 data = encode_answer(reply, date=date, with_body=with_body, close=close)
             except Exception:
                 reply = _INTERNAL_ERROR
@@ -622,6 +636,12 @@ class _Connection(asyncio.Protocol):
         """Requests parsed and not yet answered."""
         return len(self._exchanges)
 
+    @property
+    def unsent(self) -> int:
+        """Bytes of answers written and not yet taken by the kernel."""
+        transport = self._transport
+        return 0 if transport is None else transport.get_write_buffer_size()
+
     def sweep(self, now: float, keep_alive: float) -> None:
         """Close the connection if it has been idle (or stalled mid-request) for
         ``keep_alive`` seconds; end a close that lingered or that its client ignores."""
@@ -632,7 +652,7 @@ class _Connection(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             return
-        if self._closed_at < now - keep_alive:
+        if self._closed_at < now - max(keep_alive, LINGER_SECONDS):
             transport.abort()  # the client takes neither its last answer nor its FIN
         elif self._closed_at < now - LINGER_SECONDS and not transport.is_closing():
             transport.close()

@@ -75,6 +75,16 @@ def make_router(seen: Seen) -> Router:
     async def drop(request: Request) -> Reply:
         return DROPPED
 
+    async def sized(request: Request) -> Reply:
+        seen.started.append(f"sized {request.query['n']}")
+        return Answer(200, b"s" * int(request.query["n"]), "application/octet-stream")
+
+    async def no_answer(request: Request) -> Reply:
+        return cast(Reply, None)
+
+    async def list_headers(request: Request) -> Reply:
+        return Answer(200, b"", "text/plain", cast(dict[str, str], [("A", "b")]))
+
     async def split(request: Request) -> Reply:
         return Answer(200, b"", "text/plain", {"X-Evil": "a\r\nSet-Cookie: x=1"})
 
@@ -92,6 +102,9 @@ def make_router(seen: Seen) -> Router:
     router.add("GET", "/split", split)
     router.add("GET", "/split-type", split_type)
     router.add("GET", "/text-body", text_body)
+    router.add("GET", "/sized", sized)
+    router.add("GET", "/none", no_answer)
+    router.add("GET", "/list-headers", list_headers)
     return router
 
 
@@ -337,7 +350,7 @@ async def test_bytes_that_are_not_http_are_refused_after_the_answers_owed(
     writer.close()
 
 
-@pytest.mark.parametrize("path", ["/split", "/split-type", "/text-body"])
+@pytest.mark.parametrize("path", ["/split", "/split-type", "/text-body", "/none", "/list-headers"])
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
 async def test_an_answer_that_cannot_be_sent_as_it_is_becomes_a_500(
     served: Served, path: str, method: str
@@ -573,3 +586,52 @@ async def test_an_absolute_target_without_a_path_is_the_root(served: Served) -> 
     writer.write(b"GET http://provider HTTP/1.1\r\nHost: provider\r\n\r\n")
     assert json.loads((await read_answer(reader)).body)["path"] == "/"
     writer.close()
+
+
+async def test_nothing_queued_starts_after_the_clients_fin(served: Served) -> None:
+    """Even while answers already written still wait to be sent (the transport does not
+    close until they are): a FIN ends the connection's requests there and then."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a client that reads slowly
+    sock.connect(("127.0.0.1", served.port))
+    sock.setblocking(False)
+    _, writer = await asyncio.open_connection(sock=sock)
+    async with asyncio.timeout(5):
+        while not served.server.connections:  # noqa: ASYNC110 - nothing to wait on but time
+            await asyncio.sleep(0.01)
+    (connection,) = served.server.connections
+    for _ in range(400):  # answers the client does not read, until some wait in the provider
+        writer.write(b"GET /sized?n=8000 HTTP/1.1\r\nHost: t\r\n\r\n")
+        await asyncio.sleep(0.01)
+        if connection.unsent:
+            break
+    assert 0 < connection.unsent < 65536  # held, and below the high-water mark
+    writer.write(
+        b"GET /slow?s=0.3&name=running HTTP/1.1\r\nHost: t\r\n\r\n"
+        + b"GET /echo?behind HTTP/1.1\r\nHost: t\r\n\r\n" * 3
+    )
+    await asyncio.sleep(0.1)
+    writer.write_eof()
+    await asyncio.sleep(0.6)
+    assert "slow running" in served.seen.finished
+    assert "echo behind" not in served.seen.started
+    writer.close()
+
+
+async def test_a_linger_shorter_than_keep_alive_is_not_cut_short() -> None:
+    served = await serve(keep_alive=0.3, sweep_every=0.05)
+    try:
+        reader, writer = await served.connect()
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % (4 << 20))
+        answer = await read_answer(reader)
+        assert answer.status == 413
+        # The client trickles its refused body for longer than keep-alive, shorter than
+        # the linger: every write must land (a reset would fail one).
+        for _ in range(12):
+            writer.write(b"x" * 1000)
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        assert await closes(reader)
+        writer.close()
+    finally:
+        await served.server.shutdown(1.0)
