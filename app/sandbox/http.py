@@ -142,8 +142,12 @@ class _Exchange:
         self.expects_continue = expects_continue
 
 
-def encode_answer(answer: Answer, *, date: bytes, with_body: bool, close: bool) -> bytes:
-    """``answer`` as the bytes of one HTTP/1.1 answer (its body left out for HEAD).
+def encode_answer(
+    answer: Answer, *, date: bytes, with_body: bool, close: bool
+) -> tuple[bytes, bool]:
+    """``answer`` as the bytes of one HTTP/1.1 answer (its body left out for HEAD), and
+    whether the connection closes after it: ``close``, or the answer's own
+    ``Connection: close``.
 
     Handlers' headers are the provider's own words, never a client's; a CR or LF in one
     would still split the answer, so it raises ValueError instead (answered 500 by the
@@ -163,6 +167,7 @@ def encode_answer(answer: Answer, *, date: bytes, with_body: bool, close: bool) 
     if answer.headers:
         for name, value in answer.headers.items():
             if name.lower() == "connection":
+                close = close or value.lower() == "close"
                 continue  # a close is said below, once
             line = f"{name}: {value}\r\n"
             if line.count("\n") != 1 or "\r" in line[:-2]:
@@ -171,16 +176,7 @@ def encode_answer(answer: Answer, *, date: bytes, with_body: bool, close: bool) 
     if close:
         head += b"connection: close\r\n"
     head += b"\r\n"
-    return head + answer.body if with_body else head
-
-
-def _asks_close(answer: Answer) -> bool:
-    if not answer.headers:
-        return False
-    return any(
-        name.lower() == "connection" and value.lower() == "close"
-        for name, value in answer.headers.items()
-    )
+    return (head + answer.body if with_body else head), close
 
 
 class HttpServer:
@@ -278,7 +274,6 @@ class _Connection(asyncio.Protocol):
         self._head_too_large = False
         self._unparsed = _NOTHING  # input held back while too many requests wait
         self._input_done = False  # nothing more is parsed (a refusal, an Upgrade, a 413)
-        self._half_closed = False  # the client sent its FIN
         # Bytes that are not HTTP, or a head too large: the answer written (and the close)
         # once the requests before them are answered.
         self._refusal: bytes | None = None
@@ -312,7 +307,6 @@ class _Connection(asyncio.Protocol):
         aiohttp's and uvicorn's servers take it. A FIN is how clients leave; one that only
         half-closes and waits for its answer is rare, and must not make requests it
         pipelined run after it left."""
-        self._half_closed = True
         # Closed now, not at connection_lost: that waits until the write buffer drains,
         # and meanwhile no request behind the running one may start.
         if not self._closed:
@@ -546,16 +540,14 @@ class _Connection(asyncio.Protocol):
         date = self._server.clock.date()
         with_body = request.method != "HEAD"
         try:
-            close = close or _asks_close(reply)
-            data = encode_answer(reply, date=date, with_body=with_body, close=close)
+            data, close = encode_answer(reply, date=date, with_body=with_body, close=close)
         except Exception as exc:  # a handler's answer that cannot be sent as it is
             reply = self._error_answer(request, exc)
             try:
-                close = close or _asks_close(reply)
-                data = encode_answer(reply, date=date, with_body=with_body, close=close)
+                data, close = encode_answer(reply, date=date, with_body=with_body, close=close)
             except Exception:
                 reply = _INTERNAL_ERROR
-                data = encode_answer(reply, date=date, with_body=with_body, close=close)
+                data, close = encode_answer(reply, date=date, with_body=with_body, close=close)
         self._write(data)
         if self._server.access_log:
             access_log.info(
@@ -674,7 +666,7 @@ class _Connection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        if self._half_closed or not transport.can_write_eof():
+        if not transport.can_write_eof():
             transport.close()
             return
         transport.write_eof()

@@ -443,17 +443,26 @@ async def test_shutdown_lets_requests_finish_within_the_grace_then_answers_the_r
 
 def test_answers_are_encoded_once_with_their_framing() -> None:
     answer = Answer(201, b'{"a":1}', "application/json", {"Location": "/x", "Connection": "close"})
-    data = server_http.encode_answer(answer, date=b"D", with_body=True, close=True)
+    data, close = server_http.encode_answer(answer, date=b"D", with_body=True, close=True)
     assert data == (
         b"HTTP/1.1 201 Created\r\ndate: D\r\ncontent-type: application/json\r\n"
         b"content-length: 7\r\nLocation: /x\r\nconnection: close\r\n\r\n"
         b'{"a":1}'
     )
-    head = server_http.encode_answer(answer, date=b"D", with_body=False, close=False)
+    assert close
+    # The answer's own Connection: close closes too, said once.
+    head, close = server_http.encode_answer(answer, date=b"D", with_body=False, close=False)
+    assert head.endswith(b"content-length: 7\r\nLocation: /x\r\nconnection: close\r\n\r\n")
+    assert close
+    staying = Answer(201, b'{"a":1}', "application/json", {"Location": "/x"})
+    head, close = server_http.encode_answer(staying, date=b"D", with_body=False, close=False)
     assert head.endswith(b"content-length: 7\r\nLocation: /x\r\n\r\n")
-    assert server_http.encode_answer(
+    assert not close
+    unknown, close = server_http.encode_answer(
         Answer(599, b"", "text/plain"), date=b"D", with_body=True, close=False
-    ).startswith(b"HTTP/1.1 599 \r\n")
+    )
+    assert unknown.startswith(b"HTTP/1.1 599 \r\n")
+    assert not close
     for value in ("a\r\nb", "a\nb", "a\rb"):
         with pytest.raises(ValueError, match="would split the answer"):
             server_http.encode_answer(
