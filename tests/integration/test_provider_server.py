@@ -29,6 +29,7 @@ from app.sandbox.routing import (
     Router,
     UpgradeRefused,
 )
+from tests.integration.test_elector import until
 
 MAX_BODY = 1000
 BIG = 1 << 20
@@ -387,10 +388,11 @@ async def test_a_client_that_leaves_mid_request_lets_its_handler_finish(
         b"GET /slow?s=0.2&name=left HTTP/1.1\r\nHost: t\r\n\r\n"
         b"GET /echo?behind HTTP/1.1\r\nHost: t\r\n\r\n"
     )
-    await asyncio.sleep(0.05)
+    await until(lambda: "slow left" in served.seen.started, "the slow request runs")
     writer.transport.abort()  # a reset, not a polite close
-    await asyncio.sleep(0.4)
+    await until(lambda: not served.server.tasks, "the slow request ends")
     assert served.seen.finished == ["slow left"]  # it ran to its end
+    await asyncio.sleep(0.1)  # time for what must not happen: the request behind it
     assert "echo behind" not in served.seen.started
     assert not served.server.tasks
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -422,7 +424,10 @@ async def test_shutdown_lets_requests_finish_within_the_grace_then_answers_the_r
     stuck_r, stuck_w = await served.connect()
     stuck_w.write(b"GET /slow?s=30 HTTP/1.1\r\nHost: t\r\n\r\n")
     idle_r, idle_w = await served.connect()
-    await asyncio.sleep(0.05)
+    await until(
+        lambda: len(served.server.tasks) == 2 and len(served.server.connections) == 3,
+        "both requests running, three connections",
+    )
     loop = asyncio.get_running_loop()
     started = loop.time()
     await served.server.shutdown(0.6)
@@ -500,9 +505,7 @@ async def test_a_client_that_never_reads_is_cut_off_after_keep_alive() -> None:
         _, writer = await served.connect()
         writer.write(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n" * 20)
         await writer.drain()
-        async with asyncio.timeout(5):
-            while served.server.connections:  # noqa: ASYNC110 - nothing to wait on but time
-                await asyncio.sleep(0.05)
+        await until(lambda: not served.server.connections, "the connection cut off")
         writer.close()
     finally:
         await served.server.shutdown(1.0)
@@ -605,9 +608,7 @@ async def test_nothing_queued_starts_after_the_clients_fin(served: Served) -> No
     sock.connect(("127.0.0.1", served.port))
     sock.setblocking(False)
     _, writer = await asyncio.open_connection(sock=sock)
-    async with asyncio.timeout(5):
-        while not served.server.connections:  # noqa: ASYNC110 - nothing to wait on but time
-            await asyncio.sleep(0.01)
+    await until(lambda: bool(served.server.connections), "the connection accepted")
     (connection,) = served.server.connections
     for _ in range(400):  # answers the client does not read, until some wait in the provider
         writer.write(b"GET /sized?n=8000 HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -619,10 +620,10 @@ async def test_nothing_queued_starts_after_the_clients_fin(served: Served) -> No
         b"GET /slow?s=0.3&name=running HTTP/1.1\r\nHost: t\r\n\r\n"
         + b"GET /echo?behind HTTP/1.1\r\nHost: t\r\n\r\n" * 3
     )
-    await asyncio.sleep(0.1)
+    await until(lambda: "slow running" in served.seen.started, "the slow request runs")
     writer.write_eof()
-    await asyncio.sleep(0.6)
-    assert "slow running" in served.seen.finished
+    await until(lambda: "slow running" in served.seen.finished, "the slow request ends")
+    await asyncio.sleep(0.1)  # time for what must not happen: the requests behind it
     assert "echo behind" not in served.seen.started
     writer.close()
 
